@@ -1,0 +1,118 @@
+"""The manifest: everything a device must know about a bundle before it loads it."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..data.preprocessing import PreprocessingSpec
+
+FORMAT = "edgewise-bundle/1"
+MODEL_MEMBER = "model.onnx"
+MANIFEST_MEMBER = "manifest.json"
+
+# semver.org's regex: MAJOR.MINOR.PATCH[-prerelease][+build]
+SEMVER_RE = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_semver(version: str) -> str:
+    if not SEMVER_RE.match(version):
+        raise ValueError(f"version {version!r} is not a semantic version (MAJOR.MINOR.PATCH, e.g. 1.0.0)")
+    return version
+
+
+def semver_key(version: str) -> tuple:
+    """Sort key with semver precedence (pre-releases sort before the release)."""
+    m = SEMVER_RE.match(version)
+    if not m:
+        raise ValueError(f"version {version!r} is not a semantic version")
+    major, minor, patch, pre = int(m[1]), int(m[2]), int(m[3]), m[4]
+    if pre is None:
+        return (major, minor, patch, 1, ())
+    ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
+    return (major, minor, patch, 0, ids)
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    dtype: str = Field(description="numpy dtype name, e.g. float32")
+    shape: list[int | str | None] = Field(description="Dimensions; a string or null is a free (symbolic) dimension.")
+
+
+class Member(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    path: str = MODEL_MEMBER
+    format: str = "onnx"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: dict[str, int] = Field(default_factory=dict, description="ONNX domain -> opset version.")
+    ir_version: int | None = None
+    producer: str | None = None
+
+
+class Requirements(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    runtime: str = "onnxruntime"
+    min_runtime_version: str | None = None
+    min_ram_mb: int = Field(ge=0, default=0)
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: str = FORMAT
+    name: str
+    version: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    description: str = ""
+    model: ModelInfo
+    preprocessing: PreprocessingSpec = Field(default_factory=PreprocessingSpec)
+    labels: list[str] | None = None
+    requirements: Requirements = Field(default_factory=Requirements)
+    members: dict[str, Member]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v != FORMAT:
+            raise ValueError(f"bundle format {v!r} is not supported by this edgewise (expects {FORMAT!r})")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"name {v!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        return check_semver(v)
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON (sorted keys, 2-space indent) so the same manifest gives the same bytes."""
+        import json
+
+        return (json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2) + "\n").encode()

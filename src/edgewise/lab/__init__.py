@@ -1,0 +1,1 @@
+"""Workstation side: train/convert, optimize, package. Never imported by the agent."""

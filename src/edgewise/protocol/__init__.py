@@ -1,0 +1,36 @@
+"""The wire contract between agent and control plane: topics, schemas, codec.
+
+Both sides import this package and nothing of each other.
+"""
+
+from . import topics
+from .codec import decode, decode_for_topic, encode
+from .errors import ProtocolError
+from .messages import (
+    SCHEMA_VERSION,
+    ArtifactRef,
+    Batch,
+    DesiredState,
+    DeviceState,
+    Event,
+    HardwareInfo,
+    Telemetry,
+    UpdateResult,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArtifactRef",
+    "Batch",
+    "DesiredState",
+    "DeviceState",
+    "Event",
+    "HardwareInfo",
+    "ProtocolError",
+    "Telemetry",
+    "UpdateResult",
+    "decode",
+    "decode_for_topic",
+    "encode",
+    "topics",
+]

@@ -1,0 +1,150 @@
+"""Versioned message schemas: the only shapes that cross the wire.
+
+Every message carries ``v`` (schema version) and ``type``. Readers ignore fields
+they do not know, so a newer agent can talk to an older control plane and the
+other way round; a message whose ``v`` is newer than :data:`SCHEMA_VERSION`
+is refused with a :class:`ProtocolError` naming both versions.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    v: int = SCHEMA_VERSION
+
+
+class ArtifactRef(BaseModel):
+    """Where a bundle can be fetched and what it must hash to.
+
+    ``url`` may be relative to the control plane's base URL; mirrors and peers
+    can serve the same bytes because the agent checks sha256 and the signature,
+    never the server.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    url: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class DesiredState(_Message):
+    """Retained on ``devices/{id}/desired``: what the device should be running."""
+
+    type: Literal["desired"] = "desired"
+    device_id: str
+    generation: int = Field(ge=0, description="Increases with every change; older ones are ignored.")
+    model: str | None = None
+    version: str | None = None
+    artifact: ArtifactRef | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    issued_at: float = 0.0
+
+
+class UpdateResult(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    generation: int | None = None
+    model: str | None = None
+    version: str | None = None
+    result: Literal["ok", "failed", "rolled_back"]
+    reason: str | None = None
+    at: float = 0.0
+
+
+class HardwareInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    arch: str = ""
+    cores: int = 0
+    ram_mb: int = 0
+    os: str = ""
+    runtime: str = ""
+    providers: list[str] = Field(default_factory=list)
+
+
+class DeviceState(_Message):
+    """Retained on ``devices/{id}/state``: what the device is actually running.
+
+    The agent's MQTT last will is a copy with ``status="offline"``.
+    """
+
+    type: Literal["state"] = "state"
+    device_id: str
+    status: Literal["online", "offline", "updating", "degraded"] = "online"
+    model: str | None = None
+    version: str | None = None
+    generation: int | None = Field(default=None, description="Desired generation the device has converged to.")
+    last_update: UpdateResult | None = None
+    agent_version: str = ""
+    hardware: HardwareInfo | None = None
+    ts: float = 0.0
+
+
+class Telemetry(_Message):
+    """One periodic health sample; counters are cumulative so a lost sample loses no totals."""
+
+    type: Literal["telemetry"] = "telemetry"
+    device_id: str
+    seq: int = Field(ge=0, description="Per-device sequence number; the server de-duplicates on it.")
+    ts: float = Field(description="Device wall clock (may be skewed).")
+    mono: float = Field(default=0.0, description="Device monotonic clock, seconds.")
+    model: str | None = None
+    version: str | None = None
+    uptime_s: float = 0.0
+    inferences: int = 0
+    errors: int = 0
+    window_s: float = 0.0
+    window_inferences: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
+    mem_percent: float | None = None
+    outbox_pending: int | None = None
+    dropped: int = 0
+
+
+class Event(_Message):
+    """Something that happened once: an update result, a rejected message, an alert."""
+
+    type: Literal["event"] = "event"
+    device_id: str
+    seq: int = Field(ge=0)
+    ts: float
+    mono: float = 0.0
+    kind: str
+    severity: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    message: str = ""
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+Record = Annotated[Union[Telemetry, Event], Field(discriminator="type")]
+
+
+class Batch(_Message):
+    """Several outbox records in one publish (compressed with zstd when it pays)."""
+
+    type: Literal["batch"] = "batch"
+    device_id: str
+    items: list[Record]
+
+
+Message = Annotated[Union[DesiredState, DeviceState, Telemetry, Event, Batch], Field(discriminator="type")]
+
+# Which message types may appear on which channel of a device topic.
+CHANNEL_TYPES: dict[str, tuple[type[BaseModel], ...]] = {
+    "desired": (DesiredState,),
+    "state": (DeviceState,),
+    "telemetry": (Batch, Telemetry),
+    "events": (Batch, Event),
+    "cmd": (),
+}

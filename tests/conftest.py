@@ -1,0 +1,106 @@
+"""Shared fixtures: small real models trained once per session, keys, bundles, a real Mosquitto."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from edgewise.bundle import build_bundle
+from edgewise.security import TrustedKeys, generate_keypair, load_signer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    from edgewise.lab.demo_model import load_digits_split
+
+    return load_digits_split()
+
+
+@pytest.fixture(scope="session")
+def digits_models(digits_data) -> dict[str, bytes]:
+    """ONNX bytes of the two demo classifiers (logreg = v1, mlp = v2), trained on bundled digits."""
+    from edgewise.lab.demo_model import train_digits_onnx
+
+    return {"logreg": train_digits_onnx("logreg", digits_data), "mlp": train_digits_onnx("mlp", digits_data)}
+
+
+@pytest.fixture(scope="session")
+def keys_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("keys")
+    generate_keypair(d / "signing.key", d / "signing.pub")
+    generate_keypair(d / "other.key", d / "other.pub")
+    return d
+
+
+@pytest.fixture(scope="session")
+def signer(keys_dir):
+    return load_signer(keys_dir / "signing.key")
+
+
+@pytest.fixture(scope="session")
+def trusted(keys_dir) -> TrustedKeys:
+    return TrustedKeys.from_paths([keys_dir / "signing.pub"])
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory, digits_models, signer) -> dict[str, Path]:
+    """Signed bundles digits-1.0.0 (logreg) and digits-1.1.0 (mlp)."""
+    from edgewise.lab.demo_model import LABELS, PREPROCESSING
+
+    d = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for version, kind in (("1.0.0", "logreg"), ("1.1.0", "mlp")):
+        path = d / f"digits-{version}.ewb"
+        build_bundle(
+            digits_models[kind], name="digits", version=version, signer=signer, out=path,
+            labels=LABELS, preprocessing=PREPROCESSING,
+        )
+        out[version] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory):
+    """A real Mosquitto broker on a free loopback port; yields its mqtt:// URL."""
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        pytest.fail("mosquitto is not installed: run `make test` (it runs apt-get install mosquitto)")
+    d = tmp_path_factory.mktemp("mosquitto")
+    port = free_port()
+    conf = d / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"log_dest file {d / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
+    )
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
