@@ -86,6 +86,8 @@ class DeviceState(_Message):
     last_update: UpdateResult | None = None
     agent_version: str = ""
     hardware: HardwareInfo | None = None
+    tags: list[str] = Field(default_factory=list, description="Tags from the device's config; applied on first registration.")
+    api_url: str | None = Field(default=None, description="The device's local API, for operators on the same host/LAN.")
     ts: float = 0.0
 
 
