@@ -1,0 +1,1 @@
+"""Fleet simulation: many agents as processes, for the demo, tests and benchmarks."""

@@ -1,0 +1,36 @@
+# edgewise: `make demo`, `make test`, `make bench` each do their own set-up on a fresh
+# Debian/Ubuntu machine with Python 3.11 (virtual environment in .venv).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[all,dev]'
+	touch $@
+
+setup: $(STAMP)
+
+# Real parts for the tests: Mosquitto (MQTT broker) and headless Chromium (dashboard).
+system-deps:
+	@if ! command -v mosquitto >/dev/null && ! test -x /usr/sbin/mosquitto || ! command -v chromium >/dev/null; then \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends mosquitto chromium; \
+	fi
+
+demo: setup
+	$(BIN)/edgewise demo
+
+test: setup system-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: setup system-deps
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist src/*.egg-info

@@ -1,0 +1,58 @@
+"""`edgewise agent`: the long-running device agent."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import typer
+
+from ._util import fail
+
+
+def agent(
+    state_dir: Path = typer.Option(..., "--state-dir", help="The agent's home: config, keys, slots, outbox."),
+    server: str | None = typer.Option(None, "--server", help="Control plane base URL, e.g. http://127.0.0.1:8000."),
+    broker: str | None = typer.Option(None, "--broker", help="MQTT broker URL [default: the server's host, port 1883]."),
+    device_id: str | None = typer.Option(None, "--device-id", help="This device's id [default: from config, else hostname]."),
+    api_port: int | None = typer.Option(None, "--api-port", help="Local API port on 127.0.0.1 (0 = any free port)."),
+    telemetry_interval: float | None = typer.Option(None, "--telemetry-interval", help="Seconds between telemetry samples."),
+    threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
+    tag: list[str] = typer.Option([], "--tag", help="Device tag (repeatable), applied when the device first registers."),
+    trust: list[Path] = typer.Option([], "--trust", help="Public key to trust for bundles (copied into STATE/trust)."),
+    install: Path | None = typer.Option(None, "--install", help="Install this local bundle first (seed a device offline)."),
+    log_level: str = typer.Option("INFO", "--log-level"),
+) -> None:
+    """Run the device agent: serve predictions offline, converge to the desired model, report back."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..agent.config import load_config
+    from ..agent.service import Agent, run_agent
+
+    overrides = {
+        k: v
+        for k, v in dict(
+            device_id=device_id, server_url=server, broker_url=broker, api_port=api_port,
+            telemetry_interval_s=telemetry_interval, threads=threads, tags=tag or None,
+        ).items()
+        if v is not None
+    }
+    try:
+        config = load_config(state_dir, **overrides)
+    except ValueError as exc:
+        fail(f"agent configuration: {exc}")
+    if trust:
+        config.trust_dir.mkdir(parents=True, exist_ok=True)
+        for key in trust:
+            if not key.is_file():
+                fail(f"--trust {key}: no such file")
+            shutil.copy(key, config.trust_dir / key.name)
+    if install:
+        seed = Agent(config)
+        try:
+            seed.install(install)
+        except Exception as exc:  # noqa: BLE001 - report any refusal and stop
+            fail(f"cannot install {install}: {exc}")
+        finally:
+            seed.stop()
+    run_agent(config)

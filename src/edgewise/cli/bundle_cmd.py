@@ -1,0 +1,113 @@
+"""`edgewise bundle create | inspect | verify`"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ._util import fail, print_json
+
+app = typer.Typer(help="Package, inspect and verify signed model bundles (.ewb).", no_args_is_help=True)
+
+
+@app.command("create")
+def create(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="ONNX model file."),
+    name: str = typer.Option(..., "--name", help="Model name, e.g. digits."),
+    version: str = typer.Option(..., "--version", help="Semantic version, e.g. 1.0.0."),
+    key: Path = typer.Option(..., "--key", help="Private signing key (edgewise keys generate)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output file [default: NAME-VERSION.ewb]."),
+    labels: Path | None = typer.Option(None, "--labels", help="Text file, one class label per line."),
+    preprocessing: Path | None = typer.Option(None, "--preprocessing", help="JSON preprocessing spec."),
+    description: str = typer.Option("", "--description"),
+    min_ram_mb: int | None = typer.Option(None, "--min-ram-mb", help="Override the estimated minimum RAM."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Write one signed file holding the model, its manifest and preprocessing."""
+    from ..bundle import BundleError, build_bundle
+    from ..security import KeyFileError, load_signer
+
+    out = out or Path(f"{name}-{version}.ewb")
+    try:
+        signer = load_signer(key)
+        spec = json.loads(preprocessing.read_text()) if preprocessing else None
+        label_list = [line.strip() for line in labels.read_text().splitlines() if line.strip()] if labels else None
+        manifest = build_bundle(
+            model, name=name, version=version, signer=signer, out=out, labels=label_list,
+            preprocessing=spec, description=description, min_ram_mb=min_ram_mb,
+        )
+    except (BundleError, KeyFileError, ValueError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"path": str(out), "key_id": signer.key_id, "manifest": manifest.model_dump(mode="json")})
+    else:
+        typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes), {name} {version}, signed by key {signer.key_id}")
+
+
+def _manifest_table(manifest, sig, path: Path):  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    t = Table(title=f"{path.name}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("name", manifest.name)
+    t.add_row("version", manifest.version)
+    t.add_row("created", manifest.created_at.isoformat())
+    t.add_row("signed by key", sig.key_id if sig else "[red]unsigned[/red]")
+    for spec in manifest.model.inputs:
+        t.add_row("input", f"{spec.name}  {spec.dtype}  {spec.shape}")
+    for spec in manifest.model.outputs:
+        t.add_row("output", f"{spec.name}  {spec.dtype}  {spec.shape}")
+    t.add_row("opset", ", ".join(f"{d} {v}" for d, v in sorted(manifest.model.opset.items())))
+    t.add_row("preprocessing", " → ".join(s.op for s in manifest.preprocessing.steps) or "none")
+    t.add_row("labels", ", ".join(manifest.labels) if manifest.labels else "none")
+    t.add_row("min RAM", f"{manifest.requirements.min_ram_mb} MB")
+    t.add_row("runtime", f"{manifest.requirements.runtime} >= {manifest.requirements.min_runtime_version}")
+    for name, m in sorted(manifest.members.items()):
+        t.add_row("member", f"{name}  {m.size:,} B  sha256 {m.sha256[:16]}…")
+    return t
+
+
+@app.command("inspect")
+def inspect(
+    file: Path = typer.Argument(..., help="Bundle file (.ewb)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show what a bundle holds (does not verify it: use `verify` for that)."""
+    from rich.console import Console
+
+    from ..bundle import BundleError, read_manifest
+
+    try:
+        manifest, sig = read_manifest(file)
+    except BundleError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"manifest": manifest.model_dump(mode="json"), "key_id": sig.key_id if sig else None})
+    else:
+        Console().print(_manifest_table(manifest, sig, file))
+
+
+@app.command("verify")
+def verify(
+    file: Path = typer.Argument(..., help="Bundle file (.ewb)."),
+    trust: list[Path] = typer.Option(..., "--trust", help="Trusted public key file or folder (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Check the signature and every member's hash; exit 1 naming what failed."""
+    from ..bundle import BundleError, verify_bundle
+    from ..security import KeyFileError, TrustedKeys
+
+    try:
+        vb = verify_bundle(file, TrustedKeys.from_paths(trust))
+    except (BundleError, KeyFileError) as exc:
+        if as_json:
+            print_json({"ok": False, "error": str(exc), "kind": type(exc).__name__})
+            raise typer.Exit(1)
+        fail(str(exc))
+    if as_json:
+        print_json({"ok": True, "name": vb.manifest.name, "version": vb.manifest.version, "key_id": vb.key_id, "sha256": vb.sha256})
+    else:
+        typer.secho(f"OK {file}: {vb.manifest.name} {vb.manifest.version}, signed by trusted key {vb.key_id}", fg=typer.colors.GREEN)

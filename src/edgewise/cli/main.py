@@ -1,0 +1,43 @@
+"""`edgewise` command line: thin typer commands over the parts.
+
+Imports are lazy so that `edgewise agent` on a device loads only what the agent
+needs (no FastAPI, SQLAlchemy or scikit-learn in its memory).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import bundle_cmd, keys_cmd
+
+app = typer.Typer(
+    name="edgewise",
+    help="Take a trained model to a fleet of edge devices and keep it healthy there.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(keys_cmd.app, name="keys")
+app.add_typer(bundle_cmd.app, name="bundle")
+
+
+@app.command("version")
+def version() -> None:
+    """Print the edgewise version."""
+    from .. import __version__
+
+    typer.echo(__version__)
+
+
+def _register() -> None:
+    from . import agent_cmd, demo_cmd, server_cmd
+
+    app.command("agent")(agent_cmd.agent)
+    app.command("server")(server_cmd.server)
+    app.command("demo")(demo_cmd.demo)
+
+
+_register()
+
+if __name__ == "__main__":
+    app()
