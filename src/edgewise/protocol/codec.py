@@ -50,7 +50,7 @@ def decode(payload: bytes) -> Any:
         except zstandard.ZstdError as exc:
             raise ProtocolError(f"zstd frame does not decompress: {exc}") from None
     if len(payload) > MAX_PAYLOAD:
-        raise ProtocolError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit", reason="too_large")
     try:
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -59,13 +59,15 @@ def decode(payload: bytes) -> Any:
         raise ProtocolError(f"payload must be a map, got {type(obj).__name__}")
     v = obj.get("v", SCHEMA_VERSION)
     if not isinstance(v, int) or v > SCHEMA_VERSION:
-        raise ProtocolError(f"schema version {v!r} is newer than this side understands ({SCHEMA_VERSION}); upgrade")
+        raise ProtocolError(f"schema version {v!r} is newer than this side understands ({SCHEMA_VERSION}); upgrade", reason="newer_schema")
     try:
         return _adapter.validate_python(obj)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "message"
-        raise ProtocolError(f"invalid {obj.get('type', 'message')!r} message: {where}: {first.get('msg')}") from None
+        raise ProtocolError(
+            f"invalid {obj.get('type', 'message')!r} message: {where}: {first.get('msg')}", reason="invalid_fields"
+        ) from None
 
 
 def decode_for_topic(topic: str, payload: bytes) -> tuple[topics.Topic, Any]:
@@ -79,10 +81,10 @@ def decode_for_topic(topic: str, payload: bytes) -> tuple[topics.Topic, Any]:
     msg = decode(payload)
     allowed = CHANNEL_TYPES.get(t.channel, ())
     if not isinstance(msg, allowed):
-        raise ProtocolError(f"topic {topic!r}: a {msg.type!r} message does not belong on channel {t.channel!r}")
+        raise ProtocolError(f"topic {topic!r}: a {msg.type!r} message does not belong on channel {t.channel!r}", reason="wrong_channel")
     if getattr(msg, "device_id", t.device_id) != t.device_id:
-        raise ProtocolError(f"topic {topic!r}: message claims device {msg.device_id!r}")
+        raise ProtocolError(f"topic {topic!r}: message claims device {msg.device_id!r}", reason="device_mismatch")
     items = getattr(msg, "items", None)
     if items is not None and any(i.device_id != t.device_id for i in items):
-        raise ProtocolError(f"topic {topic!r}: batch holds records of another device")
+        raise ProtocolError(f"topic {topic!r}: batch holds records of another device", reason="device_mismatch")
     return t, msg

@@ -27,7 +27,8 @@ def check_device_id(device_id: str) -> str:
     if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
         raise ProtocolError(
             f"invalid device id {device_id!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            "starting with a letter or digit",
+            reason="bad_topic",
         )
     return device_id
 
@@ -72,9 +73,9 @@ def parse(topic: str) -> Topic:
     """Split a device topic into (device id, channel, rest); raise ProtocolError otherwise."""
     parts = topic.split("/")
     if len(parts) < 4 or parts[0] != ROOT or parts[1] != "devices":
-        raise ProtocolError(f"topic {topic!r} is not under {DEVICES}/{{device_id}}/...")
+        raise ProtocolError(f"topic {topic!r} is not under {DEVICES}/{{device_id}}/...", reason="bad_topic")
     device_id, channel = parts[2], parts[3]
     check_device_id(device_id)
     if channel not in CHANNELS:
-        raise ProtocolError(f"topic {topic!r}: unknown channel {channel!r} (expected one of {CHANNELS})")
+        raise ProtocolError(f"topic {topic!r}: unknown channel {channel!r} (expected one of {CHANNELS})", reason="bad_topic")
     return Topic(device_id=device_id, channel=channel, rest="/".join(parts[4:]))

@@ -1,0 +1,170 @@
+"""/api/v1/models: upload a signed bundle, list versions, download.
+
+Upload either way:
+  curl --data-binary @digits-1.0.0.ewb -H 'Content-Type: application/octet-stream' http://HOST/api/v1/models
+  curl -F file=@digits-1.0.0.ewb http://HOST/api/v1/models
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile
+
+from ..errors import ControlError, InvalidRequestError, ModelNotFoundError, UploadTooLargeError
+from ..registry import Registry
+from ..schemas import ModelSummary, ModelVersionDetail, ModelVersionOut
+from ..services import ControlServices
+from .deps import get_public_url, get_registry, get_services, get_session
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+UPLOAD_CHUNK = 1 << 20
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A signed .ewb bundle, as the raw body or as the multipart field `file`.",
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
+
+
+class UnsupportedUploadError(ControlError):
+    status_code = 415
+
+
+@router.post(
+    "",
+    response_model=ModelVersionDetail,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=_UPLOAD_BODY,
+    responses={
+        200: {"description": "The identical bundle was already stored.", "model": ModelVersionDetail},
+        409: {"description": "This name and version is stored with different content."},
+        413: {"description": "Larger than the server's max_upload_mb."},
+        415: {"description": "Neither application/octet-stream nor multipart/form-data."},
+        422: {"description": "The bundle does not verify; the message names what failed."},
+    },
+)
+async def upload_model(
+    request: Request, response: Response, services: ControlServices = Depends(get_services)
+) -> ModelVersionDetail:
+    """Verify a signed bundle against the server's trusted keys and store it.
+
+    Versions are immutable: re-uploading the same bytes is accepted (200), different
+    bytes under the same name and version are refused (409).
+    """
+    registry = services.registry
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > registry.max_upload_bytes + 64 * 1024:
+        raise UploadTooLargeError(
+            f"upload of {int(declared)} bytes exceeds the {registry.max_upload_bytes // 2**20} MB limit; "
+            "raise max_upload_mb in the server settings if this bundle is legitimate"
+        )
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=5)
+        try:
+            file = form.get("file")
+            if not isinstance(file, UploadFile):
+                raise InvalidRequestError("multipart upload needs the bundle in a field named 'file'")
+            upload = await registry.spool(_read_upload(file))
+        finally:
+            await form.close()
+    elif ctype in ("application/octet-stream", "application/zip", ""):
+        upload = await registry.spool(request.stream())
+    else:
+        raise UnsupportedUploadError(
+            f"Content-Type {ctype!r} is not accepted: send the .ewb as application/octet-stream "
+            "or as multipart/form-data field 'file'"
+        )
+    detail, created = await run_in_threadpool(_store, services, upload)
+    response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return detail
+
+
+async def _read_upload(file: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await file.read(UPLOAD_CHUNK):
+        yield chunk
+
+
+def _store(services: ControlServices, upload: Path) -> tuple[ModelVersionDetail, bool]:
+    with services.db.session() as session:
+        result = services.registry.store(session, upload)
+        return ModelVersionDetail.of(result.version, services.settings.effective_public_url), result.created
+
+
+@router.get("", response_model=list[ModelSummary])
+def list_models(session: Session = Depends(get_session)) -> list[ModelSummary]:
+    """Every model name with its versions."""
+    by_name: dict[str, list[str]] = {}
+    for mv in Registry.all_versions(session):
+        by_name.setdefault(mv.name, []).append(mv.version)
+    return [ModelSummary(name=n, versions=v, latest=v[-1]) for n, v in sorted(by_name.items())]
+
+
+@router.get("/{name}", response_model=list[ModelVersionOut], responses={404: {"description": "Unknown model."}})
+def list_versions(
+    name: str, session: Session = Depends(get_session), public_url: str = Depends(get_public_url)
+) -> list[ModelVersionOut]:
+    """The versions of one model, oldest to newest."""
+    versions = Registry.versions(session, name)
+    if not versions:
+        raise ModelNotFoundError(f"no model named {name!r}; upload one: POST /api/v1/models")
+    return [ModelVersionOut.of(mv, public_url) for mv in versions]
+
+
+@router.get(
+    "/{name}/{version}", response_model=ModelVersionDetail, responses={404: {"description": "Unknown version."}}
+)
+def show_version(
+    name: str, version: str, session: Session = Depends(get_session), public_url: str = Depends(get_public_url)
+) -> ModelVersionDetail:
+    """One version with its full manifest."""
+    return ModelVersionDetail.of(Registry.get(session, name, version), public_url)
+
+
+@router.get(
+    "/{name}/{version}/bundle",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The signed bundle."},
+        206: {"description": "The requested byte range (resume an interrupted download)."},
+        404: {"description": "Unknown version."},
+        416: {"description": "Range not satisfiable."},
+    },
+)
+def download_bundle(
+    name: str, version: str, session: Session = Depends(get_session), registry: Registry = Depends(get_registry)
+) -> FileResponse:
+    """The bundle's bytes, with HTTP Range support so devices resume interrupted downloads.
+
+    The ETag is the file's sha256, so ``If-Range`` only resumes against the same bytes.
+    """
+    mv = Registry.get(session, name, version)
+    path = registry.path(session, name, version)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{mv.name}-{mv.version}.ewb",
+        headers={
+            "ETag": f'"{mv.sha256}"',
+            "X-Content-SHA256": mv.sha256,
+            "Cache-Control": "public, max-age=31536000, immutable",
+        },
+    )

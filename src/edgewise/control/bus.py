@@ -1,0 +1,187 @@
+"""The control plane's MQTT session: subscribe to what devices say, publish what they should do.
+
+A paho-mqtt client (callback API v2, MQTT 3.1.1 because amqtt speaks only that)
+whose network thread connects, reconnects with backoff forever, and re-subscribes
+after every reconnect. Each reconnect also calls ``on_connected`` (the app
+republishes desired states there), because the broker may have lost them.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import ssl
+import threading
+from collections.abc import Callable, Iterable
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from ..protocol import topics
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_QOS = 1
+MAX_QUEUED = 10_000  # messages held while disconnected; beyond it publish() reports False
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
+    """``mqtt://[user[:pass]@]host[:port]`` (mqtts:// for TLS) -> host, port, tls, user, password."""
+    u = urlsplit(url)
+    tls = u.scheme in ("mqtts", "ssl")
+    if u.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not u.hostname:
+        raise ValueError(f"broker URL {url!r}: use mqtt://host:port (or mqtts://host:port for TLS)")
+    port = u.port or (8883 if tls else 1883)
+    user = unquote(u.username) if u.username else None
+    password = unquote(u.password) if u.password else None
+    return u.hostname, port, tls, user, password
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for logs and the health endpoint."""
+    u = urlsplit(url)
+    if not u.password:
+        return url
+    netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+    return urlunsplit(u._replace(netloc=netloc))
+
+
+class MqttBus:
+    """Connects to ``url``, feeds every message on ``subscriptions`` to ``on_message(topic, payload)``.
+
+    ``on_message`` runs on the network thread, one message at a time; the QoS 1
+    acknowledgement goes out after it returns, so a message is acked only once stored.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        on_message: Callable[[str, bytes], None],
+        *,
+        on_connected: Callable[[], None] | None = None,
+        subscriptions: Iterable[str] = topics.CONTROL_SUBSCRIPTIONS,
+        client_id: str | None = None,
+        persistent: bool = False,
+        keepalive: int = 30,
+    ) -> None:
+        self.url = url
+        self.display_url = redact_url(url)
+        self.host, self.port, tls, user, password = parse_broker_url(url)
+        self.client_id = client_id or f"edgewise-control-{secrets.token_hex(4)}"
+        self.subscriptions = tuple(subscriptions)
+        self.keepalive = keepalive
+        self._on_message_cb = on_message
+        self._on_connected_cb = on_connected
+        self._ready = threading.Event()  # connected and subscribed
+        self._sub_mid: int | None = None
+        self._started = False
+
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv311,
+            # A persistent session (fixed client id) makes the broker queue QoS 1 messages that
+            # devices publish while the control plane is down; they arrive on reconnect.
+            clean_session=not persistent,
+        )
+        if user is not None:
+            c.username_pw_set(user, password)
+        if tls:
+            c.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.max_queued_messages_set(MAX_QUEUED)
+        c.enable_logger(logging.getLogger(__name__ + ".paho"))
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+        self._client = c
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; never blocks or fails on a broker that is down."""
+        if self._started:
+            return
+        self._started = True
+        self._client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self._client.loop_start()
+        log.info("MQTT bus connecting to %s as %s", self.display_url, self.client_id)
+
+    def wait_connected(self, timeout: float) -> bool:
+        """True once connected and subscribed (and ``on_connected`` has run)."""
+        return self._ready.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        # paho's network thread may run one more loop after disconnect() and log a spurious
+        # "Client is not connected" error; nothing worth hearing is said from here on.
+        self._client.disable_logger()
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._ready.clear()
+        log.info("MQTT bus disconnected from %s", self.display_url)
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
+        """Publish, or queue until reconnected (QoS >= 1). False if it could not even be queued."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return True
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0:
+            log.debug("broker unreachable; %s queued until the bus reconnects", topic)
+            return True
+        log.warning("could not publish to %s: %s", topic, mqtt.error_string(info.rc))
+        return False
+
+    # -- paho callbacks (network thread) ---------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("MQTT broker %s refused the connection: %s (check credentials/ACL); retrying", self.display_url, reason)
+            return
+        if not self.subscriptions:
+            self._connected()
+            return
+        rc, mid = client.subscribe([(t, SUBSCRIBE_QOS) for t in self.subscriptions])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.error("MQTT subscribe failed: %s", mqtt.error_string(rc))
+            return
+        self._sub_mid = mid
+
+    def _on_subscribe(self, _client: mqtt.Client, _userdata: object, mid: int, reasons: list, _props: object) -> None:
+        if mid != self._sub_mid:
+            return
+        for topic, reason in zip(self.subscriptions, reasons):
+            if getattr(reason, "is_failure", False):
+                log.error("MQTT broker refused subscription to %s: %s; device messages there are not ingested", topic, reason)
+        self._connected()
+
+    def _connected(self) -> None:
+        if self._on_connected_cb is not None:
+            try:
+                self._on_connected_cb()
+            except Exception:
+                log.exception("on_connected hook failed")
+        self._ready.set()
+        log.info("MQTT bus connected to %s", self.display_url)
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object) -> None:
+        was_ready = self._ready.is_set()
+        self._ready.clear()
+        if self._started and was_ready:
+            log.warning("MQTT bus lost the broker at %s (%s); reconnecting", self.display_url, reason)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._on_message_cb(msg.topic, msg.payload)
+        except Exception:  # an exception here would kill paho's network thread
+            log.exception("message handler failed on %s", msg.topic)

@@ -1,0 +1,136 @@
+"""Database engine, sessions and migrations.
+
+``init_db`` runs ``alembic upgrade head`` programmatically, with the scripts located
+next to this file, so it works from an installed wheel as well as a checkout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+ALEMBIC_INI = Path(__file__).parent / "alembic.ini"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def _is_memory_sqlite(url: str) -> bool:
+    u = make_url(url)
+    return u.get_backend_name() == "sqlite" and u.database in (None, "", ":memory:")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine tuned for concurrent use from the API threadpool and the MQTT thread.
+
+    SQLite gets WAL (readers never block the writer), a busy timeout instead of
+    instant ``database is locked`` errors, foreign keys on, and
+    ``check_same_thread=False`` because sessions hop threads. An in-memory SQLite
+    database shares one connection so every thread sees the same data.
+    """
+    u = make_url(url)
+    kwargs: dict[str, Any] = {}
+    if u.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        if _is_memory_sqlite(url):
+            kwargs["poolclass"] = StaticPool
+        elif u.database:
+            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    else:
+        kwargs["pool_pre_ping"] = True
+    engine = create_engine(url, **kwargs)
+    if u.get_backend_name() == "sqlite":
+        memory = _is_memory_sqlite(url)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            if not memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")  # durable across app crashes; WAL makes it safe
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    return engine
+
+
+def alembic_config(url: str, engine: Engine | None = None) -> Any:
+    """An Alembic ``Config`` pointing at the packaged migrations (no ini file needed)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # '%' is ConfigParser's interpolation character; URLs with escaped passwords contain it.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if engine is not None:
+        cfg.attributes["engine"] = engine
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (idempotent)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(engine.url.render_as_string(hide_password=False), engine), revision)
+
+
+class Database:
+    """An engine and its session factory; one per app (or per test)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sessionmaker: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that rolls back on error and always closes."""
+        session = self.sessionmaker()
+        try:
+            yield session
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def init_db(url: str) -> Database:
+    """Create the engine, run migrations to head, and return the :class:`Database`."""
+    engine = make_engine(url)
+    upgrade(engine)
+    return Database(engine)
+
+
+def insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> bool:
+    """Insert one row unless it violates a unique constraint; True if it was inserted.
+
+    This is how redelivered telemetry (same device and seq) is dropped without an
+    error and without a read-before-write race: the database decides.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        stmt = insert(table).values(**values).on_conflict_do_nothing()
+        return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    from sqlalchemy import insert as core_insert
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with session.begin_nested():
+            session.execute(core_insert(table).values(**values))
+    except IntegrityError:
+        return False
+    return True

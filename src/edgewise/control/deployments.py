@@ -1,0 +1,136 @@
+"""Deployments: record what each device should run, then tell it (retained MQTT message).
+
+The database is the source of truth; the retained ``desired`` message is its copy
+on the broker. Recording happens first and publishing second, so a lost publish
+(broker down) is repaired by :func:`republish_all` when the bus reconnects, and a
+device that was offline for a month finds the retained message when it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..protocol import ArtifactRef, DesiredState, encode, topics
+from .devices import get_device, list_devices
+from .errors import InvalidRequestError, NotFoundError
+from .models import Deployment, Device
+from .registry import Registry, bundle_url
+from .timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+DESIRED_QOS = 1
+
+
+class Publisher(Protocol):
+    """Anything that can put a message on the broker (``MqttBus`` in the server)."""
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool: ...
+
+
+def desired_state(device: Device) -> DesiredState | None:
+    """The device's recorded desired state as a wire message; None if nothing was ever deployed."""
+    if not device.desired_generation or device.desired_model is None:
+        return None
+    return DesiredState(
+        device_id=device.id,
+        generation=device.desired_generation,
+        model=device.desired_model,
+        version=device.desired_version,
+        artifact=ArtifactRef.model_validate(device.desired_artifact) if device.desired_artifact else None,
+        issued_at=device.desired_issued_at or 0.0,
+    )
+
+
+def publish_desired(publisher: Publisher | None, device: Device) -> bool:
+    """Publish the device's desired state retained, QoS 1; False if there is none or no bus."""
+    state = desired_state(device)
+    if state is None or publisher is None:
+        return False
+    return publisher.publish(topics.desired(device.id), encode(state), qos=DESIRED_QOS, retain=True)
+
+
+def republish_all(session: Session, publisher: Publisher) -> int:
+    """Publish every recorded desired state again (on bus connect: the broker may have
+    restarted and lost its retained messages, e.g. the embedded broker keeps them in memory)."""
+    n = 0
+    for device in session.scalars(select(Device).where(Device.desired_generation > 0)):
+        n += bool(publish_desired(publisher, device))
+    return n
+
+
+@dataclass(frozen=True)
+class DeploymentResult:
+    deployment: Deployment
+    states: list[DesiredState]  # one per device reached, with its new generation
+
+
+def deploy(
+    session: Session,
+    publisher: Publisher | None,
+    model: str,
+    version: str,
+    *,
+    device_id: str | None = None,
+    tag: str | None = None,
+) -> DeploymentResult:
+    """Set ``model`` ``version`` as the desired state of one device or of every device
+    carrying ``tag`` now, bump each device's generation, record the deployment, commit,
+    then publish each new desired state retained on ``edgewise/devices/{id}/desired``."""
+    if (device_id is None) == (tag is None):
+        raise InvalidRequestError("give exactly one target: device_id or tag")
+    mv = Registry.get(session, model, version)
+    if device_id is not None:
+        targets = [get_device(session, device_id)]
+        kind, value = "device", device_id
+    else:
+        assert tag is not None
+        targets = list_devices(session, tag=tag)
+        kind, value = "tag", tag
+        if not targets:
+            raise NotFoundError(
+                f"no registered device has tag {tag!r}; tag devices first (POST /api/v1/devices or the agent's config)"
+            )
+    artifact = ArtifactRef(url=bundle_url(mv.name, mv.version), sha256=mv.sha256, size=mv.size)
+    issued_at = time.time()
+    for device in targets:
+        # An SQL expression, not a Python increment: two concurrent deployments never hand
+        # out the same generation.
+        device.desired_generation = Device.desired_generation + 1  # type: ignore[assignment]
+        device.desired_model = mv.name
+        device.desired_version = mv.version
+        device.desired_artifact = artifact.model_dump(mode="json")
+        device.desired_issued_at = issued_at
+    session.flush()
+    for device in targets:
+        session.refresh(device)
+    record = Deployment(
+        model=mv.name,
+        version=mv.version,
+        target_kind=kind,
+        target_value=value,
+        created_at=utcnow(),
+        device_count=len(targets),
+        device_ids=[d.id for d in targets],
+    )
+    session.add(record)
+    session.commit()
+    states: list[DesiredState] = []
+    for device in targets:
+        state = desired_state(device)
+        assert state is not None
+        states.append(state)
+        if publisher is not None and not publish_desired(publisher, device):
+            log.warning("desired state for %s recorded but not yet published; it goes out when the bus reconnects", device.id)
+    log.info("deployed %s %s to %s %s (%d devices)", mv.name, mv.version, kind, value, len(targets))
+    return DeploymentResult(record, states)
+
+
+def list_deployments(session: Session, limit: int = 100) -> list[Deployment]:
+    return list(session.scalars(select(Deployment).order_by(Deployment.id.desc()).limit(limit)).all())

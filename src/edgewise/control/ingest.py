@@ -1,0 +1,230 @@
+"""Ingest: turn device messages from the broker into rows, never crashing on bad input.
+
+``Ingest.handle`` is called on the MQTT client's network thread, one message at a
+time, each with its own database session. Whatever the payload, it returns: a
+message that breaks the wire contract is counted (per reason) and logged with its
+topic; a database failure is counted and logged with its traceback. Telemetry and
+events are de-duplicated by the database on (device_id, seq), so the at-least-once
+delivery of QoS 1 and of the agent's outbox costs nothing but a counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ..protocol import Batch, DeviceState, Event, ProtocolError, Telemetry, decode_for_topic, topics
+from .db import Database, insert_ignore
+from .deployments import Publisher, publish_desired
+from .devices import TAG_MAX, ensure_device
+from .models import Device, EventRow, TelemetryRow
+from .timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+LOG_FIRST_N = 10  # per reason; after that every LOG_EVERY-th, so a noisy device cannot flood the log
+LOG_EVERY = 1000
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    """A snapshot of the counters (since this process started)."""
+
+    messages: int = 0  # every message handed to handle()
+    states: int = 0
+    telemetry_rows: int = 0  # stored
+    event_rows: int = 0  # stored
+    duplicates: int = 0  # records dropped because (device_id, seq) was already stored
+    bad: int = 0  # messages refused by the wire contract
+    bad_by_reason: dict[str, int] = field(default_factory=dict)
+    errors: int = 0  # valid messages the server failed to store (database trouble)
+    republished: int = 0  # desired states re-sent to devices that did not have them yet
+
+
+def classify(exc: ProtocolError) -> str:
+    """A short, stable reason for a counter (the protocol's own code)."""
+    return getattr(exc, "reason", "undecodable")
+
+
+class Ingest:
+    """Stores what devices say. ``publisher`` (set once the bus exists) is used to re-send a
+    desired state to a device that reports it does not have it yet."""
+
+    def __init__(self, db: Database, publisher: Publisher | None = None, *, republish_interval_s: float = 30.0) -> None:
+        self.db = db
+        self.publisher = publisher
+        self.republish_interval_s = republish_interval_s
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._bad: Counter[str] = Counter()
+        self._last_republish: dict[str, float] = {}
+
+    # -- counters --------------------------------------------------------------------------------
+
+    def stats(self) -> IngestStats:
+        with self._lock:
+            c = self._counts
+            return IngestStats(
+                messages=c["messages"],
+                states=c["states"],
+                telemetry_rows=c["telemetry_rows"],
+                event_rows=c["event_rows"],
+                duplicates=c["duplicates"],
+                bad=sum(self._bad.values()),
+                bad_by_reason=dict(self._bad),
+                errors=c["errors"],
+                republished=c["republished"],
+            )
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            self._counts.update(deltas)
+
+    def _reject(self, topic: str, reason: str, exc: Exception) -> None:
+        with self._lock:
+            self._bad[reason] += 1
+            n = self._bad[reason]
+        level = logging.WARNING if n <= LOG_FIRST_N or n % LOG_EVERY == 0 else logging.DEBUG
+        log.log(level, "rejected message on %s (%s, #%d): %s", topic, reason, n, exc)
+
+    # -- entry point -----------------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Decode, check and store one message. Never raises."""
+        self._count(messages=1)
+        try:
+            topics.parse(topic)
+        except ProtocolError as exc:
+            self._reject(topic, "bad_topic", exc)
+            return
+        try:
+            _, msg = decode_for_topic(topic, payload)
+        except ProtocolError as exc:
+            self._reject(topic, classify(exc), exc)
+            return
+        try:
+            with self.db.session() as session:
+                if isinstance(msg, DeviceState):
+                    self._on_state(session, msg)
+                elif isinstance(msg, (Batch, Telemetry, Event)):
+                    self._on_records(session, msg)
+                else:  # decode_for_topic only lets device->server types through on our subscriptions
+                    self._reject(topic, "wrong_channel", ProtocolError(f"{msg.type!r} is not for the control plane"))
+        except Exception:
+            self._count(errors=1)
+            log.exception("failed to store a valid message from %s; it is lost unless the device re-sends it", topic)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _on_state(self, session: Session, msg: DeviceState) -> None:
+        now = utcnow()
+        tags = [t.strip() for t in msg.tags if isinstance(t, str) and t.strip() and len(t) <= TAG_MAX]
+        device, created = ensure_device(session, msg.device_id, tags)  # tags apply on first registration only
+        device.status = msg.status
+        device.model = msg.model
+        device.version = msg.version
+        device.reported_generation = msg.generation
+        if msg.last_update is not None:
+            device.last_update = msg.last_update.model_dump(mode="json")
+        if msg.agent_version:
+            device.agent_version = msg.agent_version
+        if msg.hardware is not None:
+            device.hardware = msg.hardware.model_dump(mode="json")
+        if msg.api_url is not None:
+            device.api_url = msg.api_url
+        device.last_state_at = now
+        if msg.status != "offline":  # an offline state is the broker speaking (last will), not the device
+            device.last_seen = now
+        session.commit()
+        self._count(states=1)
+        if created:
+            log.info("device %s registered itself (tags: %s)", device.id, ", ".join(device.tags) or "none")
+        if self._lacks_desired(device, msg):
+            self._republish(device, force=created)
+
+    @staticmethod
+    def _lacks_desired(device: Device, msg: DeviceState) -> bool:
+        if not device.desired_generation or msg.status in ("offline", "updating"):
+            return False
+        return msg.generation is None or msg.generation < device.desired_generation
+
+    def _republish(self, device: Device, *, force: bool = False) -> None:
+        """Re-send a desired state, at most once per interval per device: a device stuck on an
+        older generation (e.g. its update failed) must not turn every state report into a publish."""
+        if self.publisher is None:
+            return
+        now = time.monotonic()
+        last = self._last_republish.get(device.id)
+        if not force and last is not None and now - last < self.republish_interval_s:
+            return
+        self._last_republish[device.id] = now
+        if publish_desired(self.publisher, device):
+            self._count(republished=1)
+            log.info("re-sent desired generation %d to %s (it reports %s)", device.desired_generation, device.id,
+                     device.reported_generation)
+
+    # -- telemetry and events --------------------------------------------------------------------
+
+    def _on_records(self, session: Session, msg: Batch | Telemetry | Event) -> None:
+        records = msg.items if isinstance(msg, Batch) else [msg]
+        device, _ = ensure_device(session, msg.device_id)
+        now = utcnow()
+        stored_t = stored_e = dupes = 0
+        for rec in records:
+            if isinstance(rec, Telemetry):
+                if insert_ignore(session, TelemetryRow.__table__, _telemetry_values(rec, now)):
+                    stored_t += 1
+                else:
+                    dupes += 1
+            else:
+                if insert_ignore(session, EventRow.__table__, _event_values(rec, now)):
+                    stored_e += 1
+                else:
+                    dupes += 1
+        device.last_seen = now
+        session.commit()
+        self._count(telemetry_rows=stored_t, event_rows=stored_e, duplicates=dupes)
+        if dupes:
+            log.debug("%s: %d duplicate record(s) dropped", msg.device_id, dupes)
+
+
+def _telemetry_values(t: Telemetry, now: Any) -> dict[str, Any]:
+    return {
+        "device_id": t.device_id,
+        "seq": t.seq,
+        "ts": t.ts,
+        "received_at": now,
+        "model": t.model,
+        "version": t.version,
+        "uptime_s": t.uptime_s,
+        "inferences": t.inferences,
+        "errors": t.errors,
+        "window_inferences": t.window_inferences,
+        "window_s": t.window_s,
+        "latency_p50_ms": t.latency_p50_ms,
+        "latency_p95_ms": t.latency_p95_ms,
+        "cpu_percent": t.cpu_percent,
+        "rss_bytes": t.rss_bytes,
+        "mem_percent": t.mem_percent,
+        "outbox_pending": t.outbox_pending,
+        "dropped": t.dropped,
+    }
+
+
+def _event_values(e: Event, now: Any) -> dict[str, Any]:
+    return {
+        "device_id": e.device_id,
+        "seq": e.seq,
+        "ts": e.ts,
+        "received_at": now,
+        "kind": e.kind[:64],
+        "severity": e.severity,
+        "message": e.message,
+        "detail": e.detail,
+    }

@@ -1,0 +1,214 @@
+"""The model registry: verified bundles on disk, one immutable row per name+version.
+
+Nothing enters the registry that does not verify against the server's trusted keys,
+so a device is never told to fetch a bundle the control plane could not vouch for
+(the device verifies again itself: the signature, not the server, is what is trusted).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..bundle import BundleError, semver_key, verify_bundle
+from ..security import TrustedKeys
+from .errors import BundleRejectedError, ModelNotFoundError, UploadTooLargeError, VersionConflictError
+from .models import ModelVersion
+from .timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+INCOMING = ".incoming"
+
+
+def bundle_url(name: str, version: str) -> str:
+    """Where devices fetch a version, relative to the control plane's base URL."""
+    return f"/api/v1/models/{name}/{version}/bundle"
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    version: ModelVersion
+    created: bool  # False: an identical upload was already stored (idempotent re-upload)
+
+
+class Registry:
+    """Stores and finds bundles under ``bundles_dir``; metadata lives in the database."""
+
+    def __init__(self, bundles_dir: Path, trusted: TrustedKeys, *, max_upload_bytes: int = 512 * 2**20) -> None:
+        self.bundles_dir = Path(bundles_dir)
+        self.trusted = trusted
+        self.max_upload_bytes = max_upload_bytes
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def incoming_dir(self) -> Path:
+        # Same filesystem as the bundles, so the final move is an atomic rename.
+        return self.bundles_dir / INCOMING
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    async def spool(self, chunks: AsyncIterator[bytes]) -> Path:
+        """Write an upload stream to a temporary file, refusing it beyond the size limit."""
+        fd, tmp = tempfile.mkstemp(prefix="upload-", suffix=".ewb", dir=self.incoming_dir)
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > self.max_upload_bytes:
+                        raise UploadTooLargeError(
+                            f"upload exceeds the {self.max_upload_bytes // 2**20} MB limit; "
+                            "raise max_upload_mb in the server settings if this bundle is legitimate"
+                        )
+                    f.write(chunk)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return Path(tmp)
+
+    def store(self, session: Session, upload: Path) -> StoreResult:
+        """Verify ``upload`` and move it into the registry; the temporary file is consumed.
+
+        The same name+version with the same bytes is accepted again (idempotent);
+        with different bytes it is a :class:`VersionConflictError` (versions are immutable,
+        devices and audit trails rely on a version meaning one thing).
+        """
+        upload = Path(upload)
+        try:
+            if len(self.trusted) == 0:
+                raise BundleRejectedError(
+                    "the server trusts no signing keys, so it accepts no bundles; "
+                    "start it with --trust PATH/TO/signing.pub (or EDGEWISE_TRUST)"
+                )
+            try:
+                verified = verify_bundle(upload, self.trusted)
+            except BundleError as exc:
+                msg = str(exc).replace(upload.name, "uploaded bundle")
+                raise BundleRejectedError(f"bundle rejected ({type(exc).__name__}): {msg}") from None
+            name, version = verified.manifest.name, verified.manifest.version
+            existing = self.find(session, name, version)
+            if existing is not None:
+                return StoreResult(self._same_or_conflict(existing, verified.sha256), created=False)
+
+            target = self._target_path(session, name, version, verified.sha256)
+            row = ModelVersion(
+                name=name,
+                version=version,
+                sha256=verified.sha256,
+                size=verified.size,
+                key_id=verified.key_id,
+                manifest=verified.manifest.model_dump(mode="json"),
+                path=str(target.relative_to(self.bundles_dir)),
+                uploaded_at=utcnow(),
+            )
+            session.add(row)
+            try:
+                session.flush()  # the unique constraint decides a race between two uploads
+            except IntegrityError:
+                session.rollback()
+                existing = self.find(session, name, version)
+                if existing is None:
+                    raise
+                return StoreResult(self._same_or_conflict(existing, verified.sha256), created=False)
+            _fsync(upload)
+            os.replace(upload, target)
+            try:
+                session.commit()
+            except BaseException:
+                target.unlink(missing_ok=True)
+                raise
+            _fsync_dir(self.bundles_dir)
+            log.info("stored bundle %s %s (%d bytes, key %s)", name, version, row.size, row.key_id)
+            return StoreResult(row, created=True)
+        finally:
+            upload.unlink(missing_ok=True)
+
+    @staticmethod
+    def _same_or_conflict(existing: ModelVersion, sha256: str) -> ModelVersion:
+        if existing.sha256 == sha256:
+            return existing
+        raise VersionConflictError(
+            f"{existing.name} {existing.version} is already stored with different content "
+            f"(sha256 {existing.sha256[:16]}…, uploaded {sha256[:16]}…); versions are immutable: "
+            "bump the version and upload again"
+        )
+
+    def _target_path(self, session: Session, name: str, version: str, sha256: str) -> Path:
+        target = self.bundles_dir / f"{name}-{version}.ewb"
+        # "a" + "1.0.0-1.0.0" and "a-1.0.0" + "1.0.0" share a file name; never overwrite another row's file.
+        taken = session.scalar(select(ModelVersion.id).where(ModelVersion.path == target.name))
+        if taken is not None or target.exists():
+            target = self.bundles_dir / f"{name}-{version}-{sha256[:12]}.ewb"
+        return target
+
+    # -- finding ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def find(session: Session, name: str, version: str) -> ModelVersion | None:
+        return session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
+
+    @staticmethod
+    def get(session: Session, name: str, version: str) -> ModelVersion:
+        row = Registry.find(session, name, version)
+        if row is None:
+            known = Registry.versions(session, name)
+            hint = (
+                f"known versions: {', '.join(v.version for v in known)}"
+                if known
+                else "upload it first: POST /api/v1/models"
+            )
+            raise ModelNotFoundError(f"model {name} {version} not found; {hint}")
+        return row
+
+    @staticmethod
+    def versions(session: Session, name: str) -> list[ModelVersion]:
+        """All versions of one model, oldest first by semantic-version precedence."""
+        rows = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).all()
+        return _semver_sorted(rows)
+
+    @staticmethod
+    def all_versions(session: Session) -> list[ModelVersion]:
+        rows = session.scalars(select(ModelVersion).order_by(ModelVersion.name)).all()
+        return sorted(_semver_sorted(rows), key=lambda r: r.name)
+
+    def path(self, session: Session, name: str, version: str) -> Path:
+        """The stored file of a version, for download."""
+        row = self.get(session, name, version)
+        p = self.bundles_dir / row.path
+        if not p.is_file():
+            raise ModelNotFoundError(
+                f"model {name} {version} is registered but its file {p} is missing from the data directory; "
+                "restore it from a backup or re-upload the bundle"
+            )
+        return p
+
+
+def _semver_sorted(rows: Iterable[ModelVersion]) -> list[ModelVersion]:
+    return sorted(rows, key=lambda r: semver_key(r.version))
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
