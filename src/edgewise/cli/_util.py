@@ -16,3 +16,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def explain(exc: Exception) -> str:
+    """One line per problem for pydantic validation errors; str() for anything else."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(
+                f"{'.'.join(str(p) for p in e.get('loc', ())) or 'value'}: {str(e.get('msg', '')).removeprefix('Value error, ')}"
+                for e in errors()
+            )
+        except Exception:  # noqa: BLE001 - fall back to the plain message
+            pass
+    return str(exc)

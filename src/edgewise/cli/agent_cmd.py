@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ._util import fail
+from ._util import explain, fail
 
 
 def agent(
@@ -40,7 +40,7 @@ def agent(
     try:
         config = load_config(state_dir, **overrides)
     except ValueError as exc:
-        fail(f"agent configuration: {exc}")
+        fail(f"agent configuration: {explain(exc)}")
     if trust:
         config.trust_dir.mkdir(parents=True, exist_ok=True)
         for key in trust:

@@ -1,0 +1,187 @@
+"""Agent configuration: ``state_dir/config.toml`` plus command-line overrides.
+
+The file is the device's memory of who it is (its device id is generated once
+and written back), so a restart with fewer flags comes back as the same device.
+Derived values (the broker URL guessed from the server URL, the default trust
+directory) are computed on load and never written, so changing ``--server``
+later moves the broker along with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..protocol import topics
+from .fsutil import atomic_write
+
+CONFIG_FILE = "config.toml"
+DEFAULT_MQTT_PORT = 1883
+DEFAULT_API_PORT = 8470
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the fix."""
+
+
+class AgentConfig(BaseModel):
+    """Everything the agent needs to know at start; validated once, then read-only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_id: str = Field(description="This device's id: MQTT client id, topic level and file name.")
+    state_dir: Path = Field(description="The agent's home: slots, outbox, trust, config.")
+    server_url: str | None = Field(default=None, description="Control plane HTTP base; relative artifact URLs join it.")
+    broker_url: str | None = Field(default=None, description="mqtt://host:port; default: the server's host, port 1883.")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=DEFAULT_API_PORT, ge=0, le=65535, description="0 picks a free port (see api.port).")
+    telemetry_interval_s: float = Field(default=10.0, gt=0)
+    flush_interval_s: float = Field(default=1.0, gt=0)
+    threads: int = Field(default=1, ge=1, le=256, description="ONNX Runtime intra-op threads.")
+    tags: list[str] = Field(default_factory=list)
+    trust_dir: Path | None = Field(default=None, description="Public keys bundles must be signed with; default state_dir/trust.")
+    outbox_max_bytes: int = Field(default=16 * 2**20, ge=4096)
+    reconnect_base_s: float = Field(default=0.5, gt=0, description="First reconnect delay bound (full jitter).")
+    reconnect_cap_s: float = Field(default=30.0, gt=0, description="Longest reconnect delay.")
+    download_timeout_s: float = Field(default=30.0, gt=0, description="Socket timeout for artifact downloads.")
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, v: str) -> str:
+        return topics.check_device_id(v)
+
+    @field_validator("server_url")
+    @classmethod
+    def _server_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"server_url {v!r} must be an http(s) URL such as http://control:8000")
+        return v
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"broker_url {v!r} must look like mqtt://host:1883 (or mqtts://host:8883)")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"broker_url {v!r} has an invalid port") from None
+        return v
+
+    @model_validator(mode="after")
+    def _derive(self) -> "AgentConfig":
+        # Frozen model: derived values are set through object.__setattr__ once, here.
+        if self.broker_url is None and self.server_url is not None:
+            host = urlsplit(self.server_url).hostname
+            object.__setattr__(self, "broker_url", f"mqtt://{_host_for_url(host)}:{DEFAULT_MQTT_PORT}")
+        if self.trust_dir is None:
+            object.__setattr__(self, "trust_dir", self.state_dir / "trust")
+        elif not self.trust_dir.is_absolute():
+            object.__setattr__(self, "trust_dir", self.state_dir / self.trust_dir)
+        if self.reconnect_cap_s < self.reconnect_base_s:
+            raise ValueError("reconnect_cap_s must be at least reconnect_base_s")
+        return self
+
+    @property
+    def trust_path(self) -> Path:
+        """The trust directory (always set after validation)."""
+        assert self.trust_dir is not None
+        return self.trust_dir
+
+    def broker_address(self) -> tuple[str, int, bool] | None:
+        """(host, port, tls) of the broker, or None when the agent runs without one."""
+        if self.broker_url is None:
+            return None
+        parts = urlsplit(self.broker_url)
+        tls = parts.scheme == "mqtts"
+        return parts.hostname or "", parts.port or (8883 if tls else DEFAULT_MQTT_PORT), tls
+
+
+def _host_for_url(host: str | None) -> str:
+    host = host or "localhost"
+    return f"[{host}]" if ":" in host else host
+
+
+def default_device_id() -> str:
+    """Hostname plus a random suffix: images cloned to a hundred boards share a hostname."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname() or "device").strip("-._")[:40] or "device"
+    if not base[0].isalnum():
+        base = "d" + base
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+def load_config(state_dir: Path | str, **overrides: Any) -> AgentConfig:
+    """Read ``state_dir/config.toml`` (if any), apply ``overrides`` (None = not given), validate.
+
+    On the first start (no file yet) the merged settings, including a freshly
+    generated ``device_id``, are written back so the next start is the same device.
+    """
+    state_dir = Path(state_dir)
+    path = state_dir / CONFIG_FILE
+    from_file: dict[str, Any] = {}
+    if path.exists():
+        try:
+            from_file = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML ({exc}); fix or delete it") from None
+        from_file.pop("state_dir", None)
+    merged = {**from_file, **{k: v for k, v in overrides.items() if v is not None}}
+    merged.pop("state_dir", None)
+    first_start = not path.exists()
+    if "device_id" not in merged:
+        merged["device_id"] = default_device_id()
+    try:
+        config = AgentConfig(state_dir=state_dir, **merged)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, path)) from None
+    if first_start:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_toml(path, merged)
+    return config
+
+
+def _explain(exc: ValidationError, path: Path) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        if err.get("type") == "extra_forbidden":
+            lines.append(f"{where}: unknown setting (check the spelling in {path} or the flag)")
+        else:
+            lines.append(f"{where}: {err.get('msg')}")
+    return "invalid agent configuration: " + "; ".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if value == value and value not in (float("inf"), float("-inf")) else str(value)
+    if isinstance(value, (str, Path)):
+        # JSON string escapes are a subset of TOML basic-string escapes; DEL must be escaped too.
+        return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {type(value).__name__} to TOML; config keys are flat scalars or lists")
+
+
+def write_toml(path: Path, values: dict[str, Any]) -> None:
+    """Write flat ``key = value`` TOML atomically (tmp file, fsync, rename)."""
+    body = "# edgewise agent configuration (written on first start; edit and restart)\n"
+    body += "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(values.items()) if v is not None)
+    atomic_write(path, body.encode("utf-8"))

@@ -1,0 +1,247 @@
+"""The MQTT session: one supervised connection to the broker, for as long as the agent runs.
+
+A supervisor thread connects, and when the broker is down or the connection
+drops it waits ``backoff(attempt)`` (exponential growth with full jitter, so a
+thousand devices rebooting together do not reconnect in lockstep) and tries
+again, forever. Each session uses a fresh paho client with
+``reconnect_on_failure=False``: paho moves bytes, this module decides when to
+reconnect.
+
+On every connect the link subscribes to the device's desired-state topic (the
+broker re-delivers the retained message) and publishes the current state
+retained. The last will is the same state with ``status="offline"``.
+
+Whatever arrives is decoded with ``protocol.decode_for_topic``; a message that
+does not follow the protocol is handed to ``on_bad_message`` and never raises
+into paho, so garbage on the wire cannot take the session down.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+
+from ..protocol import DesiredState, DeviceState, ProtocolError, decode_for_topic, encode, topics
+
+log = logging.getLogger("edgewise.agent.link")
+
+KEEPALIVE_S = 30
+CONNECT_TIMEOUT_S = 5.0
+
+
+def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0, rand: Callable[[], float] = random.random) -> float:
+    """Delay before reconnect attempt ``attempt`` (0-based): uniform in [0, min(cap, base * 2**attempt)].
+
+    "Full jitter" (AWS Architecture Blog, "Exponential Backoff And Jitter",
+    2015): the bound grows exponentially, the actual delay is spread over the
+    whole range, which de-synchronizes a fleet reconnecting after an outage.
+    """
+    if attempt < 0:
+        raise ValueError("attempt must be >= 0")
+    bound = min(cap, base * (2.0 ** min(attempt, 64)))
+    return rand() * bound
+
+
+class Link:
+    """A device's MQTT session, kept alive by its own supervisor thread."""
+
+    def __init__(
+        self,
+        device_id: str,
+        host: str,
+        port: int,
+        *,
+        on_desired: Callable[[DesiredState], None],
+        on_bad_message: Callable[[str, str], None],
+        state: Callable[[], DeviceState],
+        on_connect: Callable[[], None] | None = None,
+        tls: bool = False,
+        keepalive: int = KEEPALIVE_S,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+    ) -> None:
+        self.device_id = topics.check_device_id(device_id)
+        self.host, self.port, self.tls = host, port, tls
+        self.keepalive = keepalive
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self._on_desired = on_desired
+        self._on_bad_message = on_bad_message
+        self._on_connect_hook = on_connect
+        self._state = state
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._session_over = threading.Event()
+        self._client: mqtt.Client | None = None
+        self._thread: threading.Thread | None = None
+        self.bad_messages = 0
+        self.connects = 0
+        self.last_error: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(timeout)
+
+    def wait_subscribed(self, timeout: float | None = None) -> bool:
+        """Wait until the broker acknowledged the desired-state subscription of the current session."""
+        return self._subscribed.wait(timeout)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._supervise, name=f"edgewise-link-{self.device_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, offline_state: DeviceState | None = None, timeout: float = 5.0) -> None:
+        """End the session; publish ``offline_state`` first (a clean disconnect does not fire the will)."""
+        if offline_state is not None and self.connected:
+            self.publish(topics.state(self.device_id), encode(offline_state), retain=True, timeout=min(timeout, 2.0))
+        self._stop.set()
+        client = self._client
+        if client is not None:
+            try:
+                client.disconnect()
+            except Exception:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- supervisor -----------------------------------------------------------------------------
+
+    def _new_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.device_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+            reconnect_on_failure=False,
+        )
+        client.connect_timeout = CONNECT_TIMEOUT_S
+        client.enable_logger(logging.getLogger("edgewise.agent.link.mqtt"))  # packet trace at DEBUG
+        if self.tls:
+            client.tls_set()
+        offline = self._state().model_copy(update={"status": "offline", "ts": time.time()})
+        client.will_set(topics.state(self.device_id), encode(offline), qos=1, retain=True)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_subscribe = lambda *args: self._subscribed.set()
+        return client
+
+    def _supervise(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            client = self._new_client()
+            self._session_over.clear()
+            try:
+                client.connect(self.host, self.port, keepalive=self.keepalive)
+            except Exception as exc:  # OSError mostly; paho raises a few others on odd sockets
+                self.last_error = f"cannot connect to {self.host}:{self.port}: {exc}"
+                log.info("%s", self.last_error)
+            else:
+                before = self.connects
+                self._client = client
+                client.loop_start()
+                while not self._stop.is_set() and not self._session_over.wait(0.25):
+                    pass
+                self._connected.clear()
+                self._subscribed.clear()
+                try:
+                    client.disconnect()
+                except Exception:
+                    pass
+                client.loop_stop()
+                self._client = None
+                if self.connects > before:
+                    attempt = 0  # a session that got through resets the backoff
+            if self._stop.is_set():
+                break
+            delay = backoff(attempt, base=self.backoff_base, cap=self.backoff_cap)
+            attempt += 1
+            log.debug("reconnecting in %.2fs (attempt %d)", delay, attempt)
+            self._stop.wait(delay)
+        self._connected.clear()
+
+    # -- paho callbacks (paho's network thread; never raise) ------------------------------------
+
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            self.last_error = f"broker refused the connection: {reason}"
+            log.warning("%s", self.last_error)
+            self._session_over.set()
+            return
+        try:
+            client.subscribe(topics.desired(self.device_id), qos=1)
+            client.publish(topics.state(self.device_id), encode(self._state()), qos=1, retain=True)
+        except Exception as exc:
+            log.error("after connect: %s", exc)
+        self.connects += 1
+        self.last_error = None
+        self._connected.set()
+        log.info("connected to %s:%d", self.host, self.port)
+        if self._on_connect_hook is not None:
+            try:
+                self._on_connect_hook()
+            except Exception:
+                log.exception("on_connect hook failed")
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self._connected.is_set():
+            log.info("disconnected from %s:%d (%s)", self.host, self.port, reason)
+        self._connected.clear()
+        self._subscribed.clear()
+        self._session_over.set()
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        topic = msg.topic
+        try:
+            if topic == topics.desired(self.device_id) and not msg.payload:
+                log.info("desired state cleared on %s; keeping the current model", topic)
+                return
+            try:
+                _, message = decode_for_topic(topic, msg.payload)
+            except ProtocolError as exc:
+                self.bad_messages += 1
+                log.warning("refused message on %s: %s", topic, exc)
+                self._on_bad_message(topic, str(exc))
+                return
+            if isinstance(message, DesiredState):
+                self._on_desired(message)
+            else:
+                log.debug("ignoring %s message on %s", getattr(message, "type", "?"), topic)
+        except Exception:
+            log.exception("handling a message on %s failed; the session goes on", topic)
+
+    # -- publishing -----------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0) -> bool:
+        """Publish and wait for the broker's acknowledgement: True only after PUBACK (or the send, for QoS 0)."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return False
+        try:
+            info = client.publish(topic, payload, qos=qos, retain=retain)
+        except Exception as exc:  # ValueError for oversize payloads, etc.
+            log.error("cannot publish on %s: %s", topic, exc)
+            return False
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        deadline = time.monotonic() + timeout
+        while not info.is_published():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._session_over.is_set() or self._stop.is_set():
+                return info.is_published()
+            try:
+                info.wait_for_publish(min(0.1, remaining))
+            except (RuntimeError, ValueError):
+                return False
+        return True

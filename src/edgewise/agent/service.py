@@ -1,0 +1,578 @@
+"""The agent: the parts wired together and kept running.
+
+Threads (all daemons, all stopped by ``stop()``):
+
+- **link supervisor** (``Link``): the MQTT session, reconnecting with backoff;
+- **reconcile**: converges the running model to the latest desired state;
+- **telemetry**: every ``telemetry_interval_s`` puts a sample into the outbox;
+- **flusher**: while connected, drains the outbox in ``Batch`` messages and
+  acknowledges records only after the broker's PUBACK;
+- **api**: the local HTTP server (one more daemon thread per connection).
+
+The live model is one attribute, ``_model``. Swapping it is a single reference
+assignment, so a request that already picked up the old model finishes on it;
+the old session is freed when its last request returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .. import __version__
+from ..protocol import Batch, DesiredState, DeviceState, Event, HardwareInfo, ProtocolError, Telemetry, UpdateResult, decode, encode, topics
+from .api import LocalApi
+from .config import AgentConfig
+from .fsutil import atomic_write
+from .link import backoff
+from .monitor import Monitor
+from .outbox import Outbox, OutboxRecord
+from .runtime import LoadedModel
+from .slots import Slots
+from .updater import HttpFetcher, Updater
+
+log = logging.getLogger("edgewise.agent")
+
+BATCH_RECORDS = 100
+PUBLISH_TIMEOUT_S = 10.0
+RETRY_BASE_S = 1.0
+RETRY_CAP_S = 60.0
+BAD_MESSAGE_EVENT_EVERY_S = 1.0  # a flood of garbage must not flood the outbox with events
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start or do what was asked; the message says why and what to do."""
+
+
+class NoModelError(RuntimeError):
+    """A prediction was asked for before any model was installed."""
+
+
+class Agent:
+    """One device's agent. ``start()`` brings it up, ``stop()`` takes it down; ``predict`` works in between.
+
+    ``install(bundle)`` also works before ``start()`` (seeding a device offline).
+    """
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_state_dir(self.state_dir)
+        config.trust_path.mkdir(parents=True, exist_ok=True)
+        self.monitor = Monitor()
+        self.monitor.status = self._metrics_status
+        try:
+            self.outbox = Outbox(self.state_dir / "outbox.db", max_bytes=config.outbox_max_bytes)
+        except Exception:
+            _unlock(self._lock_fd)
+            raise
+        self.slots = Slots(self.state_dir / "slots")
+        self._model: LoadedModel | None = None
+        self.updater = Updater(
+            self.slots,
+            config.trust_path,
+            downloads=self.state_dir / "downloads",
+            activate=self._activate,
+            current=lambda: self._model,
+            fetcher=HttpFetcher(config.server_url, timeout=config.download_timeout_s),
+            threads=config.threads,
+        )
+        self._link: Any = None
+        self._api: LocalApi | None = None
+        self._stop = threading.Event()
+        self._flush_wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._desired_cv = threading.Condition()
+        self._desired: DesiredState | None = None
+        self._converged_generation: int | None = None
+        self._failed_generation: int | None = None
+        self._retrying_generation: int | None = None
+        self._last_update: UpdateResult | None = None
+        self._updating = False
+        self._last_bad_event = 0.0
+        self._hardware: HardwareInfo | None = None
+        self._started = False
+        self._stopped = False
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def current_model(self) -> LoadedModel | None:
+        """The model serving right now (None before the first install)."""
+        return self._model
+
+    @property
+    def model_name(self) -> str | None:
+        m = self._model
+        return m.name if m is not None else None
+
+    @property
+    def model_version(self) -> str | None:
+        m = self._model
+        return m.version if m is not None else None
+
+    @property
+    def api_port(self) -> int | None:
+        """The local API's bound port (also in ``state_dir/api.port``), None before ``start()``."""
+        return self._api.port if self._api is not None else None
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._link is not None and self._link.connected)
+
+    @property
+    def link(self) -> Any:
+        """The MQTT :class:`~edgewise.agent.link.Link`, or None when the agent runs without a broker."""
+        return self._link
+
+    # -- predictions (the hot path) -------------------------------------------------------------
+
+    def predict(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the live model; see :meth:`LoadedModel.predict` for what it accepts and raises."""
+        model = self._model
+        if model is None:
+            self.monitor.count_error()
+            raise NoModelError("no model installed yet; wait for the desired state or install a bundle")
+        t0 = time.perf_counter_ns()
+        try:
+            out = model.predict(inputs)
+        except Exception:
+            self.monitor.count_error()
+            raise
+        self.monitor.record(time.perf_counter_ns() - t0)
+        return out
+
+    def predict_on(self, model: LoadedModel, inputs: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Like :meth:`predict` on a model the caller already picked (the HTTP API reports which one served)."""
+        t0 = time.perf_counter_ns()
+        try:
+            out = model.predict(inputs)
+        except Exception:
+            self.monitor.count_error()
+            raise
+        self.monitor.record(time.perf_counter_ns() - t0)
+        return out
+
+    def _activate(self, model: LoadedModel) -> None:
+        self._model = model  # one reference rebind: requests in flight keep the old one
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the committed model, open the local API, connect (in the background) and start reporting."""
+        if self._started:
+            return
+        if self._stopped:
+            raise AgentError("this agent was stopped; create a new Agent to start again")
+        self._started = True
+        cfg = self.config
+        if self._model is None:
+            model, problem = self.updater.load_committed()
+            if model is not None:
+                self._model = model
+            if problem:
+                self._emit_event("slot_fallback" if model else "load_failed", problem, severity="error")
+        if len(self.updater.trusted()) == 0:
+            log.warning("no trusted keys in %s: every bundle will be refused; copy the fleet's signing .pub there", cfg.trust_path)
+        try:
+            self._api = LocalApi(self, cfg.api_host, cfg.api_port)
+        except OSError as exc:
+            self.stop()
+            raise AgentError(f"cannot open the local API on {cfg.api_host}:{cfg.api_port}: {exc.strerror or exc}; pass another --api-port (0 picks a free one)") from None
+        self._api.start()
+        atomic_write(self.state_dir / "api.port", f"{self._api.port}\n".encode())
+        log.info("%s serving %s on %s", self.device_id, self._describe_model(), self._api.url)
+        self._emit_event("start", f"agent {__version__} started with {self._describe_model()}", detail={"api_port": self._api.port})
+        self._spawn("telemetry", self._telemetry_loop)
+        addr = cfg.broker_address()
+        if addr is not None:
+            from .link import Link  # lazy: a device without a broker never loads paho
+
+            host, port, tls = addr
+            self._link = Link(
+                self.device_id, host, port, tls=tls,
+                on_desired=self._on_desired, on_bad_message=self._on_bad_message,
+                state=self.device_state, on_connect=self._flush_wake.set,
+                backoff_base=cfg.reconnect_base_s, backoff_cap=cfg.reconnect_cap_s,
+            )
+            self._spawn("flusher", self._flush_loop)
+            self._spawn("reconcile", self._reconcile_loop)
+            self._link.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish ``offline``, stop every thread, close the API and the outbox. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        self._flush_wake.set()
+        with self._desired_cv:
+            self._desired_cv.notify_all()
+        if self._link is not None:
+            self._link.stop(offline_state=self.device_state(status="offline"), timeout=timeout)
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+        if self._api is not None:
+            self._api.stop()
+            (self.state_dir / "api.port").unlink(missing_ok=True)
+        self.outbox.close()
+        _unlock(self._lock_fd)
+        self._lock_fd = None
+        log.info("%s stopped", self.device_id)
+
+    close = stop
+
+    def __enter__(self) -> "Agent":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, target: Any) -> None:
+        t = threading.Thread(target=self._guard(name, target), name=f"edgewise-{name}-{self.device_id}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _guard(self, name: str, target: Any) -> Any:
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    target()
+                    return
+                except Exception:
+                    log.exception("%s thread failed; restarting it in 1s", name)
+                    self._stop.wait(1.0)
+
+        return run
+
+    # -- installing -----------------------------------------------------------------------------
+
+    def install(self, bundle_path: Path | str) -> UpdateResult:
+        """Install a local bundle through the same verify/stage/trial/commit path as an update."""
+        result = self.updater.install(bundle_path)
+        self._record_update(result, source="local", path=str(bundle_path))
+        if result.result == "ok":
+            self._publish_state()
+        return result
+
+    def _record_update(self, result: UpdateResult, **detail: Any) -> None:
+        self.monitor.count_update(result.result)
+        self._last_update = result
+        ok = result.result == "ok"
+        what = f"{result.model} {result.version}" if result.model else "bundle"
+        message = f"now running {what}" if ok else f"update to {what} {result.result}: {result.reason}"
+        if ok and result.reason:
+            message += f" ({result.reason})"
+        (log.info if ok else log.error)("%s", message)
+        self._emit_event("update", message, severity="info" if ok else "error", detail={**result.model_dump(mode="json"), **detail})
+
+    # -- state and events -----------------------------------------------------------------------
+
+    def _describe_model(self) -> str:
+        m = self._model
+        return f"{m.name} {m.version}" if m is not None else "no model"
+
+    def device_state(self, status: str | None = None) -> DeviceState:
+        """The actual state this device reports (retained on its state topic)."""
+        m = self._model
+        if status is None:
+            status = "updating" if self._updating else ("online" if m is not None else "degraded")
+        return DeviceState(
+            device_id=self.device_id,
+            status=status,  # type: ignore[arg-type]
+            model=m.name if m else None,
+            version=m.version if m else None,
+            generation=self._converged_generation,
+            last_update=self._last_update,
+            agent_version=__version__,
+            hardware=self._hardware_info(),
+            tags=list(self.config.tags),
+            api_url=f"http://{self.config.api_host}:{self._api.port}" if self._api is not None else None,
+            ts=time.time(),
+        )
+
+    def _hardware_info(self) -> HardwareInfo:
+        if self._hardware is None:
+            import platform
+            import sys
+
+            try:
+                ram_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20)
+            except (ValueError, OSError, AttributeError):
+                ram_mb = 0
+            ort = sys.modules.get("onnxruntime")
+            self._hardware = HardwareInfo(
+                arch=platform.machine(),
+                cores=os.cpu_count() or 0,
+                ram_mb=ram_mb,
+                os=f"{platform.system()} {platform.release()}",
+                runtime=f"onnxruntime {ort.__version__}" if ort is not None else "onnxruntime",
+                providers=list(ort.get_available_providers()) if ort is not None else [],
+            )
+        return self._hardware
+
+    def _publish_state(self) -> bool:
+        link = self._link
+        if link is None or not link.connected:
+            return False  # the next connect publishes the state anyway
+        state = self.device_state()
+        ok = link.publish(topics.state(self.device_id), encode(state), retain=True, timeout=PUBLISH_TIMEOUT_S)
+        log.debug("state %s (generation %s) %s", state.status, state.generation, "published" if ok else "NOT acknowledged")
+        return ok
+
+    def _emit(self, record: Telemetry | Event) -> int | None:
+        try:
+            seq = self.outbox.enqueue(record)
+        except Exception as exc:  # a full disk must not stop predictions
+            log.error("cannot store a %s record in the outbox: %s", record.type, exc)
+            return None
+        self._flush_wake.set()
+        return seq
+
+    def _emit_event(self, kind: str, message: str, *, severity: str = "info", detail: dict[str, Any] | None = None) -> int | None:
+        return self._emit(
+            Event(
+                device_id=self.device_id, seq=0, ts=time.time(), mono=time.monotonic(),
+                kind=kind, severity=severity, message=message, detail=detail or {},  # type: ignore[arg-type]
+            )
+        )
+
+    def telemetry_sample(self) -> Telemetry:
+        """One Telemetry record from the monitor and the outbox (seq is assigned when it is enqueued)."""
+        m = self._model
+        dropped = self.outbox.dropped()
+        return Telemetry(
+            device_id=self.device_id, seq=0, ts=time.time(), mono=time.monotonic(),
+            model=m.name if m else None, version=m.version if m else None,
+            outbox_pending=self.outbox.pending(), dropped=sum(dropped.values()),
+            **self.monitor.sample(),
+        )
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /v1/health`` returns."""
+        m = self._model
+        mon = self.monitor
+        return {
+            "status": self.device_state().status,
+            "device_id": self.device_id,
+            "model": m.name if m else None,
+            "version": m.version if m else None,
+            "connected": self.connected,
+            "outbox_pending": self.outbox.pending(),
+            "seq_issued": self.outbox.issued(),
+            "inferences": mon.inferences,
+            "errors": mon.errors,
+            "bad_messages": mon.bad_messages,
+            "generation": self._converged_generation,
+            "last_update": self._last_update.model_dump(mode="json") if self._last_update else None,
+            "uptime_s": round(mon.uptime_s(), 3),
+        }
+
+    def _metrics_status(self) -> dict[str, Any]:
+        m = self._model
+        return {
+            "model": m.name if m else None,
+            "version": m.version if m else None,
+            "connected": self.connected,
+            "outbox_pending": self.outbox.pending(),
+            "seq_issued": self.outbox.issued(),
+            "outbox_dropped": self.outbox.dropped(),
+        }
+
+    # -- MQTT callbacks (paho's thread: quick, never raise) -------------------------------------
+
+    def _on_desired(self, desired: DesiredState) -> None:
+        with self._desired_cv:
+            if self._converged_generation is not None and desired.generation < self._converged_generation:
+                log.info("ignoring desired generation %d: already converged to %d", desired.generation, self._converged_generation)
+                return
+            pending = self._desired
+            if pending is not None and desired.generation < pending.generation:
+                return
+            self._desired = desired
+            self._desired_cv.notify_all()
+
+    def _on_bad_message(self, topic: str, reason: str) -> None:
+        self.monitor.count_bad_message()
+        now = time.monotonic()
+        if now - self._last_bad_event >= BAD_MESSAGE_EVENT_EVERY_S:
+            self._last_bad_event = now
+            self._emit_event(
+                "bad_message", f"refused a message on {topic}: {reason}", severity="warning",
+                detail={"topic": topic, "reason": reason, "total": self.monitor.bad_messages},
+            )
+
+    # -- threads --------------------------------------------------------------------------------
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.config.telemetry_interval_s):
+            self._emit(self.telemetry_sample())
+
+    def _flush_loop(self) -> None:
+        while not self._stop.is_set():
+            self._flush_wake.clear()
+            sent = 0
+            if self.connected:
+                sent = self.flush_once()
+            if sent == 0 or not self.connected:
+                self._flush_wake.wait(self.config.flush_interval_s)
+
+    def flush_once(self) -> int:
+        """Send up to one batch of events and one of telemetry; return how many records the broker acknowledged."""
+        link = self._link
+        if link is None or not link.connected:
+            return 0
+        records = self.outbox.peek(BATCH_RECORDS)
+        if not records:
+            return 0
+        sent = 0
+        for kind, topic in (("event", topics.events(self.device_id)), ("telemetry", topics.telemetry(self.device_id))):
+            group = [r for r in records if r.kind == kind]
+            if not group:
+                continue
+            items, ids, poison = self._decode_group(group)
+            if poison:
+                self.outbox.ack(poison)
+            if not items:
+                continue
+            payload = encode(Batch(device_id=self.device_id, items=items))
+            if not link.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S):
+                break  # not acknowledged: everything stays in the outbox for the next session
+            self.outbox.ack(ids)
+            sent += len(ids)
+        return sent
+
+    def _decode_group(self, group: list[OutboxRecord]) -> tuple[list[Any], list[int], list[int]]:
+        items: list[Any] = []
+        ids: list[int] = []
+        poison: list[int] = []
+        for r in group:
+            try:
+                items.append(decode(r.payload))
+                ids.append(r.id)
+            except ProtocolError as exc:
+                log.error("outbox record %d (seq %d) is unreadable and is dropped: %s", r.id, r.seq, exc)
+                poison.append(r.id)
+        return items, ids, poison
+
+    def _reconcile_loop(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            with self._desired_cv:
+                while self._desired is None and not self._stop.is_set():
+                    self._desired_cv.wait(0.5)
+                desired, self._desired = self._desired, None
+            if desired is None or self._stop.is_set():
+                return
+            retry = self._reconcile(desired)
+            if not retry:
+                attempt = 0
+                continue
+            delay = backoff(attempt, base=RETRY_BASE_S, cap=RETRY_CAP_S)
+            attempt += 1
+            log.info("retrying generation %d in %.1fs", desired.generation, delay)
+            with self._desired_cv:
+                self._desired_cv.wait_for(lambda: self._desired is not None or self._stop.is_set(), timeout=delay)
+                if self._desired is None:
+                    self._desired = desired  # nothing newer arrived: try this one again
+
+    def _reconcile(self, desired: DesiredState) -> bool:
+        """Converge to ``desired``; True when it failed in a way a retry may fix."""
+        gen = desired.generation
+        if self._converged_generation is not None and gen < self._converged_generation:
+            return False
+        m = self._model
+        if desired.model is None and desired.version is None:
+            self._converged_generation = gen  # nothing asked of the model: converged as we are
+            self._publish_state()
+            return False
+        if m is not None and (m.name, m.version) == (desired.model, desired.version):
+            self._converged_generation = gen
+            self._failed_generation = None
+            self._publish_state()
+            return False
+        if gen == self._failed_generation:
+            self._publish_state()  # already refused this generation; wait for a new one
+            return False
+        self._updating = True
+        self._publish_state()
+        try:
+            result, retryable = self.updater.attempt(desired)
+        finally:
+            self._updating = False
+        if result.result == "ok":
+            self._converged_generation = gen
+            self._failed_generation = self._retrying_generation = None
+            self._record_update(result, source="desired")
+        elif retryable:
+            if self._retrying_generation != gen:  # one event per generation, not one per retry
+                self._retrying_generation = gen
+                self._record_update(result, source="desired", retrying=True)
+            else:
+                self.monitor.count_update(result.result)
+                self._last_update = result
+        else:
+            self._failed_generation = gen
+            self._retrying_generation = None
+            self._record_update(result, source="desired")
+        self._publish_state()
+        return retryable
+
+
+def _lock_state_dir(state_dir: Path) -> Any:
+    """Hold an exclusive lock on the state directory: two agents on one directory would corrupt its slots."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks, rely on the operator
+        return None
+    fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise AgentError(f"another agent is running with state directory {state_dir}; stop it first or use another --state-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _unlock(fd: Any) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)  # closing the descriptor releases the flock
+        except OSError:
+            pass
+
+
+def run_agent(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
+    """Run an agent until SIGINT/SIGTERM (or ``stop`` is set), then shut it down cleanly; return the exit code."""
+    done = stop or threading.Event()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        def handle(signum: int, frame: Any) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            done.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handle)
+    agent = Agent(config)
+    try:
+        agent.start()
+        while not done.wait(0.5):
+            pass
+    finally:
+        agent.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

@@ -1,0 +1,322 @@
+"""Fetch, verify, stage, try, commit: the only way a model gets onto the device.
+
+Trust decisions live here and in ``edgewise.bundle.verify``, nowhere else. How
+bytes arrive is a :class:`Fetcher`'s business (HTTP today; a mirror, a peer or a
+USB stick are the same to the updater) because the signature, not the server,
+is what is trusted. Every failure leaves the running model serving and comes
+back as an :class:`~edgewise.protocol.UpdateResult` whose ``reason`` says what
+went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+from urllib.parse import urljoin, urlsplit
+
+from ..bundle import BundleError, VerifiedBundle, verify_bundle
+from ..protocol import ArtifactRef, DesiredState, UpdateResult
+from ..security import KeyFileError, TrustedKeys
+from .runtime import LoadedModel, ModelLoadError
+from .slots import SlotError, SlotRecord, Slots
+
+log = logging.getLogger("edgewise.agent.updater")
+
+CHUNK = 64 * 1024
+USER_AGENT = "edgewise-agent"
+
+
+class FetchError(RuntimeError):
+    """The artifact could not be fetched (network, server, wrong bytes). Retrying later may help."""
+
+
+class Fetcher(Protocol):
+    """Anything that can put an artifact's exact bytes at ``dest``: HTTP, a mirror, a peer, a USB stick."""
+
+    def fetch(self, artifact: ArtifactRef, dest: Path) -> Path:
+        """Write the artifact to ``dest`` (checking size and sha256) and return ``dest``; raise FetchError."""
+        ...
+
+
+def _sha256_of(path: Path) -> tuple[int, "hashlib._Hash"]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return n, h
+
+
+class HttpFetcher:
+    """Downloads over HTTP(S) with resume: bytes go to ``dest.part``; a later call continues with a Range request.
+
+    It trusts nothing the server says about the artifact: the size and sha256
+    come from the desired state, and more bytes than announced are refused
+    (a hostile or broken server cannot fill the disk).
+    """
+
+    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0, chunk_size: int = CHUNK) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+
+    def resolve(self, url: str) -> str:
+        """Absolute URL for ``url``; relative URLs are joined to the server URL."""
+        if urlsplit(url).scheme:
+            return url
+        if not self.base_url:
+            raise FetchError(f"artifact URL {url!r} is relative but the agent has no server URL; start it with --server")
+        return urljoin(self.base_url.rstrip("/") + "/", url)
+
+    def fetch(self, artifact: ArtifactRef, dest: Path) -> Path:
+        url = self.resolve(artifact.url)
+        scheme = urlsplit(url).scheme
+        if scheme not in ("http", "https", "file"):
+            raise FetchError(f"artifact URL {url!r}: scheme {scheme!r} is not supported (use http, https or file)")
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            size, h = _sha256_of(dest)
+            if size == artifact.size and h.hexdigest() == artifact.sha256:
+                return dest
+            dest.unlink()
+        part = dest.with_name(dest.name + ".part")
+        have, h = (0, hashlib.sha256())
+        if part.exists():
+            have, h = _sha256_of(part)
+            if have > artifact.size or scheme == "file":
+                part.unlink()
+                have, h = 0, hashlib.sha256()
+        if have < artifact.size:
+            have, h = self._download(url, artifact, part, have, h)
+        elif not part.exists():
+            part.touch()  # zero-byte artifact
+        if have != artifact.size:
+            raise FetchError(f"{url}: download stopped at {have} of {artifact.size} bytes; it resumes on the next attempt")
+        digest = h.hexdigest()
+        if digest != artifact.sha256:
+            part.unlink(missing_ok=True)
+            raise FetchError(
+                f"{url}: sha256 {digest[:16]}… does not match the desired state's {artifact.sha256[:16]}…; "
+                "the server or a mirror serves other bytes than the control plane registered"
+            )
+        os.replace(part, dest)
+        return dest
+
+    def _download(self, url: str, artifact: ArtifactRef, part: Path, have: int, h: "hashlib._Hash") -> tuple[int, "hashlib._Hash"]:
+        import http.client
+        import urllib.error
+        import urllib.request  # lazy: only a device that updates pays for it
+
+        headers = {"User-Agent": USER_AGENT}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:  # our partial file is stale: start over
+                part.unlink(missing_ok=True)
+                return self._download(url, artifact, part, 0, hashlib.sha256())
+            raise FetchError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise FetchError(f"cannot download {url}: {reason}") from None
+        with resp:
+            status = getattr(resp, "status", None) or 200
+            if have and status == 206:
+                content_range = resp.headers.get("Content-Range", "")
+                if not content_range.startswith(f"bytes {have}-"):
+                    part.unlink(missing_ok=True)
+                    raise FetchError(f"{url}: asked for bytes from {have}, server answered {content_range!r}; restarting next attempt")
+                mode = "ab"
+            else:
+                if status not in (200, 206):
+                    raise FetchError(f"{url}: unexpected HTTP status {status}")
+                have, h, mode = 0, hashlib.sha256(), "wb"  # server ignored the Range: take it from the top
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and have + int(length) > artifact.size:
+                raise FetchError(
+                    f"{url}: server announces {have + int(length)} bytes, the desired state {artifact.size}; refusing"
+                )
+            try:
+                with open(part, mode) as f:
+                    while True:
+                        chunk = resp.read(self.chunk_size)
+                        if not chunk:
+                            break
+                        if have + len(chunk) > artifact.size:
+                            f.close()
+                            part.unlink(missing_ok=True)
+                            raise FetchError(f"{url}: server sent more than the {artifact.size} bytes the desired state announced; refusing")
+                        f.write(chunk)
+                        h.update(chunk)
+                        have += len(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except FetchError:
+                raise
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                raise FetchError(f"{url}: download interrupted at {have} of {artifact.size} bytes ({type(exc).__name__}); it resumes on the next attempt") from None
+        return have, h
+
+
+class Updater:
+    """Moves the device from the model it runs to the one it is asked to run, or leaves it where it is.
+
+    ``activate`` swaps the live model (one reference rebind in the agent);
+    ``current`` returns the live one. Calls are serialized: an install and a
+    desired-state update never interleave.
+    """
+
+    def __init__(
+        self,
+        slots: Slots,
+        trust_dir: Path,
+        *,
+        downloads: Path,
+        activate: Callable[[LoadedModel], None],
+        current: Callable[[], LoadedModel | None],
+        fetcher: Fetcher | None = None,
+        threads: int = 1,
+    ) -> None:
+        self.slots = slots
+        self.trust_dir = Path(trust_dir)
+        self.downloads = Path(downloads)
+        self.fetcher = fetcher
+        self.threads = threads
+        self._activate = activate
+        self._current = current
+        self._lock = threading.Lock()
+
+    def trusted(self) -> TrustedKeys:
+        """The keys in the trust directory, read fresh so a key dropped in takes effect without a restart."""
+        if not self.trust_dir.is_dir():
+            return TrustedKeys()
+        try:
+            return TrustedKeys.from_paths([self.trust_dir])
+        except KeyFileError as exc:
+            log.error("trust directory %s holds an unusable key: %s", self.trust_dir, exc)
+            return TrustedKeys()
+
+    # -- startup --------------------------------------------------------------------------------
+
+    def load_committed(self) -> tuple[LoadedModel | None, str | None]:
+        """Load the committed slot, verifying it again; fall back to the previous slot if that fails.
+
+        Returns the model (or None) and a problem description when the committed
+        slot did not load (for an event), or None when all went well.
+        """
+        rec = self.slots.record()
+        if rec is None:
+            return None, None
+        try:
+            return self._load_slot(rec), None
+        except (BundleError, ModelLoadError, OSError) as exc:
+            problem = f"committed slot {rec.slot} ({rec.model} {rec.version}) does not load: {exc}"
+        log.error("%s", problem)
+        prev = self.slots.previous()
+        if prev is None:
+            return None, problem + "; no previous slot to fall back to: install a bundle"
+        try:
+            model = self._load_slot(prev)
+        except (BundleError, ModelLoadError, OSError) as exc:
+            return None, problem + f"; previous slot {prev.slot} does not load either: {exc}"
+        self.slots.rollback()
+        return model, problem + f"; rolled back to slot {prev.slot} ({prev.model} {prev.version})"
+
+    def _load_slot(self, rec: SlotRecord) -> LoadedModel:
+        vb = verify_bundle(self.slots.path(rec.slot), self.trusted())
+        if vb.sha256 != rec.sha256:
+            raise ModelLoadError(f"slot {rec.slot} changed since it was committed (sha256 {vb.sha256[:16]}…, recorded {rec.sha256[:16]}…)")
+        if (vb.manifest.name, vb.manifest.version) != (rec.model, rec.version):
+            raise ModelLoadError(f"slot {rec.slot} holds {vb.manifest.name} {vb.manifest.version}, recorded {rec.model} {rec.version}")
+        model = LoadedModel.from_bundle(vb, threads=self.threads)
+        model.smoke_test()
+        return model
+
+    # -- updates --------------------------------------------------------------------------------
+
+    def apply(self, desired: DesiredState) -> UpdateResult:
+        """Converge to ``desired``: fetch, verify, stage, load, smoke test, commit, swap."""
+        return self.attempt(desired)[0]
+
+    def attempt(self, desired: DesiredState) -> tuple[UpdateResult, bool]:
+        """Like :meth:`apply`, also telling whether a retry could succeed (network trouble) or not (bad bundle)."""
+        with self._lock:
+            return self._attempt(desired)
+
+    def _attempt(self, desired: DesiredState) -> tuple[UpdateResult, bool]:
+        gen, want_model, want_version = desired.generation, desired.model, desired.version
+        current = self._current()
+        if current is not None and (current.name, current.version) == (want_model, want_version):
+            return _result(gen, want_model, want_version, "ok", "already running"), False
+        if not want_model or not want_version or desired.artifact is None:
+            return _result(gen, want_model, want_version, "failed", "desired state names no model, version and artifact; nothing to fetch"), False
+        if self.fetcher is None:
+            return _result(gen, want_model, want_version, "failed", "the agent has no server URL to fetch from; start it with --server"), False
+        dest = self.downloads / f"{desired.artifact.sha256}.ewb"
+        try:
+            path = self.fetcher.fetch(desired.artifact, dest)
+        except FetchError as exc:
+            return _result(gen, want_model, want_version, "failed", f"download failed: {exc}"), True
+        except OSError as exc:
+            return _result(gen, want_model, want_version, "failed", f"download failed: cannot write {dest}: {exc.strerror or exc}"), True
+        try:
+            return self._install_file(path, expect=(want_model, want_version), generation=gen), False
+        finally:
+            dest.unlink(missing_ok=True)
+
+    def install(self, bundle_path: Path | str, *, generation: int | None = None) -> UpdateResult:
+        """Install a local bundle file through the same verify/stage/commit path (seed a device offline)."""
+        path = Path(bundle_path)
+        with self._lock:
+            if not path.is_file():
+                return _result(generation, None, None, "failed", f"{path} is not a file")
+            return self._install_file(path, expect=None, generation=generation)
+
+    def _install_file(self, path: Path, *, expect: tuple[str, str] | None, generation: int | None) -> UpdateResult:
+        want_model, want_version = expect or (None, None)
+        try:
+            vb = verify_bundle(path, self.trusted())
+        except BundleError as exc:
+            return _result(generation, want_model, want_version, "failed", f"verification failed: {exc}")
+        name, version = vb.manifest.name, vb.manifest.version
+        if expect is not None and (name, version) != expect:
+            return _result(
+                generation, want_model, want_version, "failed",
+                f"bundle holds {name} {version} but the desired state asks for {want_model} {want_version}; refusing",
+            )
+        current = self._current()
+        if current is not None and current.sha256 == vb.sha256:
+            return _result(generation, name, version, "ok", "already running")
+        try:
+            staged = self.slots.stage(vb.path)
+        except SlotError as exc:
+            return _result(generation, name, version, "failed", str(exc))
+        # From here on the new model sits in the inactive slot; any failure abandons it there.
+        try:
+            staged_vb: VerifiedBundle = verify_bundle(staged, self.trusted())
+            if staged_vb.sha256 != vb.sha256:
+                raise ModelLoadError("the staged copy differs from the verified file (disk error?)")
+            model = LoadedModel.from_bundle(staged_vb, threads=self.threads)
+            model.smoke_test()
+        except (BundleError, ModelLoadError, OSError) as exc:
+            log.error("abandoning %s %s: %s", name, version, exc)
+            return _result(generation, name, version, "rolled_back", f"{name} {version} failed its trial and was not committed: {exc}")
+        try:
+            self.slots.commit(staged, vb.manifest, staged_vb.sha256)
+        except OSError as exc:
+            return _result(generation, name, version, "rolled_back", f"cannot commit the slot: {exc.strerror or exc}")
+        self._activate(model)
+        log.info("now running %s %s (signed by key %s)", name, version, vb.key_id)
+        return _result(generation, name, version, "ok")
+
+
+def _result(generation: int | None, model: str | None, version: str | None, kind: str, reason: str | None = None) -> UpdateResult:
+    return UpdateResult(generation=generation, model=model, version=version, result=kind, reason=reason, at=time.time())  # type: ignore[arg-type]

@@ -1,0 +1,77 @@
+"""The dashboard, rendered by a real headless Chromium against a live control plane."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from conftest import free_port
+from edgewise import protocol as p
+from edgewise.sim.fleet import http_json, wait_until
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not exe:
+        pytest.fail("chromium is not installed: run `make test` (it runs apt-get install chromium)")
+    return exe
+
+
+def render(url: str, tmp_path, wait_ms: int = 4000) -> str:
+    """The page's DOM after its scripts ran, as a person's browser would show it."""
+    cmd = [
+        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chrome-profile'}", f"--virtual-time-budget={wait_ms}", "--dump-dom", url,
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+@pytest.fixture()
+def live_server(tmp_path, keys_dir):
+    from edgewise.control.server import ControlPlane
+    from edgewise.control.settings import ServerSettings
+
+    cp = ControlPlane(ServerSettings(data_dir=tmp_path / "cp", port=free_port(), embedded_broker_port=free_port(),
+                                     trust=[keys_dir / "signing.pub"]))
+    cp.start()
+    yield cp
+    cp.stop()
+
+
+def _report(cp, device_id: str) -> None:
+    """Play a device: publish its state and one telemetry sample over MQTT."""
+    host, port = cp.settings.effective_broker_url.removeprefix("mqtt://").split(":")
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
+    c.connect(host, int(port))
+    c.loop_start()
+    state = p.DeviceState(device_id=device_id, status="online", model="digits", version="1.0.0",
+                          tags=["shelf-3"], ts=time.time())
+    c.publish(p.topics.state(device_id), p.encode(state), qos=1, retain=True).wait_for_publish(5)
+    tel = p.Telemetry(device_id=device_id, seq=0, ts=time.time(), model="digits", version="1.0.0",
+                      inferences=120, window_inferences=60, window_s=10.0, latency_p50_ms=0.05, latency_p95_ms=0.125)
+    c.publish(p.topics.telemetry(device_id), p.encode(p.Batch(device_id=device_id, items=[tel])), qos=1).wait_for_publish(5)
+    c.loop_stop()
+    c.disconnect()
+
+
+def test_dashboard_lists_every_device_with_version_status_and_latency(live_server, tmp_path):
+    _report(live_server, "cam-17")
+    wait_until(lambda: http_json("GET", f"{live_server.url}/api/v1/devices"), 15, what="the device to register")
+    wait_until(lambda: http_json("GET", f"{live_server.url}/api/v1/devices/cam-17/telemetry"), 15, what="telemetry")
+    dom = render(f"{live_server.url}/", tmp_path)
+    assert "cam-17" in dom
+    assert "shelf-3" in dom
+    assert "1.0.0" in dom
+    assert "online" in dom
+
+
+def test_dashboard_says_so_when_the_fleet_is_empty(live_server, tmp_path):
+    dom = render(f"{live_server.url}/", tmp_path)
+    assert "no devices" in dom.lower()
