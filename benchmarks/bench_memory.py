@@ -26,7 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(settle_s: float = 8.0) -> dict:
+def run(settle_s: float = 8.0, env: dict | None = None) -> dict:
     root = tempdir("ew-bench-mem-")
     bundles, pub = build_demo_bundles(root)
     port = _free_port()
@@ -40,7 +40,7 @@ def run(settle_s: float = 8.0) -> dict:
     cmd = [sys.executable, "-m", "edgewise.cli.main", "agent", "--state-dir", str(state),
            "--broker", f"mqtt://127.0.0.1:{port}", "--server", "http://127.0.0.1:9", "--device-id", "mem",
            "--api-port", "0", "--trust", str(pub), "--install", str(bundles["1.0.0"]), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 60
         while not (state / "api.port").exists() and time.monotonic() < deadline:

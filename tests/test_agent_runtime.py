@@ -68,6 +68,11 @@ def test_a_list_instead_of_an_array_is_refused_with_the_fix(loaded):
         loaded.predict([[0.0] * 64])  # type: ignore[arg-type]
 
 
+def test_an_ndarray_subclass_such_as_a_memmap_is_accepted(loaded, tmp_path):
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(2, 64))
+    assert loaded.predict(mm)["label"].shape == (2,)
+
+
 def test_free_batch_dimension_takes_any_size(loaded):
     for n in (1, 7, 100):
         assert loaded.predict(np.ones((n, 64), np.float32))["probabilities"].shape == (n, 10)

@@ -119,7 +119,7 @@ def test_a_failed_download_is_retried_until_the_artifact_appears(tmp_path, keys_
         wait_for(lambda: (s := cp.last_state("svc-5")) and s.last_update and "HTTP 404" in (s.last_update.reason or ""), what="a 404")
         assert agent.model_version == "1.0.0"
         server.add("/" + ARTIFACT, bundles["1.1.0"].read_bytes())
-        wait_for(lambda: agent.model_version == "1.1.0", timeout=15, what="the retry to succeed")
+        wait_for(lambda: agent.model_version == "1.1.0", timeout=30, what="the retry to succeed")
     finally:
         agent.stop()
 

@@ -14,14 +14,15 @@ def test_stage_goes_to_the_inactive_slot_and_commit_flips_with_the_old_one_as_pr
     slots = Slots(tmp_path / "slots")
     assert slots.committed() is None and slots.inactive() == "a"
     staged = slots.stage(bundles["1.0.0"])
-    assert staged == tmp_path / "slots" / "a" / "bundle.ewb"
+    assert staged == tmp_path / "slots" / "a"
+    assert slots.bundle(staged).read_bytes() == bundles["1.0.0"].read_bytes()
     assert slots.committed() is None  # staged is not committed
-    slots.commit("a", read_manifest(staged)[0])
+    slots.commit("a", read_manifest(slots.bundle("a"))[0])
     assert slots.committed() == staged and slots.inactive() == "b"
     staged_b = slots.stage(bundles["1.1.0"])
-    assert staged_b.parent.name == "b"
+    assert staged_b.name == "b"
     assert slots.committed() == staged  # staging B left A committed
-    rec = slots.commit(staged_b, read_manifest(staged_b)[0])
+    rec = slots.commit(staged_b, read_manifest(slots.bundle(staged_b))[0])
     assert (rec.slot, rec.version, rec.sha256) == ("b", "1.1.0", sha256_file(bundles["1.1.0"]))
     assert slots.previous().slot == "a" and slots.previous().version == "1.0.0"
 

@@ -22,7 +22,7 @@ from edgewise.agent import Agent, load_config
 from edgewise.protocol import ArtifactRef, DesiredState, ProtocolError, decode_for_topic, encode, topics
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

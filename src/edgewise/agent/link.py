@@ -31,7 +31,8 @@ from ..protocol import DesiredState, DeviceState, ProtocolError, decode_for_topi
 log = logging.getLogger("edgewise.agent.link")
 
 KEEPALIVE_S = 30
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0  # TCP connect
+CONNACK_TIMEOUT_S = 10.0  # a broker that accepts TCP but never answers CONNECT is as good as down
 
 
 def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0, rand: Callable[[], float] = random.random) -> float:
@@ -146,13 +147,18 @@ class Link:
                 client.connect(self.host, self.port, keepalive=self.keepalive)
             except Exception as exc:  # OSError mostly; paho raises a few others on odd sockets
                 self.last_error = f"cannot connect to {self.host}:{self.port}: {exc}"
-                log.info("%s", self.last_error)
+                # The first failure of a streak is news; the next hundred are not.
+                log.log(logging.INFO if attempt == 0 else logging.DEBUG, "%s; retrying with backoff", self.last_error)
             else:
                 before = self.connects
                 self._client = client
                 client.loop_start()
+                started = time.monotonic()
                 while not self._stop.is_set() and not self._session_over.wait(0.25):
-                    pass
+                    if not self._connected.is_set() and self.connects == before and time.monotonic() - started > CONNACK_TIMEOUT_S:
+                        self.last_error = f"{self.host}:{self.port} accepted the connection but never answered CONNECT"
+                        log.warning("%s", self.last_error)
+                        break
                 self._connected.clear()
                 self._subscribed.clear()
                 try:

@@ -84,6 +84,7 @@ class Outbox:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a lost commit could re-issue a seq number after a power cut
+            self._db.execute("PRAGMA cache_size=-512")  # KiB: append at the tail, delete at the head; a big cache buys nothing
             self._db.executescript(_SCHEMA)
             self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) + COUNT(*) * ? FROM records", (ROW_OVERHEAD,)).fetchone()[0])
         except sqlite3.Error as exc:

@@ -216,11 +216,13 @@ class LoadedModel:
         return dict(zip(self.output_names, outputs))
 
     def _feed(self, inputs: Any) -> dict[str, Any]:
-        if isinstance(inputs, np.ndarray):
-            raise InputError(
-                f"{self.name} {self.version} takes {len(self.input_names)} inputs {list(self.input_names)}; "
-                "pass a dict name -> array"
-            )
+        if isinstance(inputs, np.ndarray):  # an ndarray subclass (memmap, ...) for a single-input model
+            if self._single is None:
+                raise InputError(
+                    f"{self.name} {self.version} takes {len(self.input_names)} inputs {list(self.input_names)}; "
+                    "pass a dict name -> array"
+                )
+            inputs = {self._single.name: inputs}
         if not isinstance(inputs, Mapping):
             if self._single is not None:
                 raise self._single.error(inputs)

@@ -31,7 +31,6 @@ from ..protocol import Batch, DesiredState, DeviceState, Event, HardwareInfo, Pr
 from .api import LocalApi
 from .config import AgentConfig
 from .fsutil import atomic_write
-from .link import backoff
 from .monitor import Monitor
 from .outbox import Outbox, OutboxRecord
 from .runtime import LoadedModel
@@ -67,15 +66,16 @@ class Agent:
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_state_dir(self.state_dir)
-        config.trust_path.mkdir(parents=True, exist_ok=True)
-        self.monitor = Monitor()
-        self.monitor.status = self._metrics_status
         try:
+            if not config.trust_path.is_file():  # a single key file is fine too
+                config.trust_path.mkdir(parents=True, exist_ok=True)
             self.outbox = Outbox(self.state_dir / "outbox.db", max_bytes=config.outbox_max_bytes)
-        except Exception:
+            self.slots = Slots(self.state_dir / "slots")
+        except BaseException:
             _unlock(self._lock_fd)
             raise
-        self.slots = Slots(self.state_dir / "slots")
+        self.monitor = Monitor()
+        self.monitor.status = self._metrics_status
         self._model: LoadedModel | None = None
         self.updater = Updater(
             self.slots,
@@ -262,13 +262,15 @@ class Agent:
         """Install a local bundle through the same verify/stage/trial/commit path as an update."""
         result = self.updater.install(bundle_path)
         self._record_update(result, source="local", path=str(bundle_path))
-        if result.result == "ok":
-            self._publish_state()
         return result
 
-    def _record_update(self, result: UpdateResult, **detail: Any) -> None:
+    def _record_update(self, result: UpdateResult, *, event: bool = True, **detail: Any) -> None:
+        """Count and log an update result, report it in the state right away, then as an event."""
         self.monitor.count_update(result.result)
         self._last_update = result
+        self._publish_state()  # first: the retained state is what the control plane acts on
+        if not event:
+            return
         ok = result.result == "ok"
         what = f"{result.model} {result.version}" if result.model else "bundle"
         message = f"now running {what}" if ok else f"update to {what} {result.result}: {result.reason}"
@@ -467,6 +469,8 @@ class Agent:
         return items, ids, poison
 
     def _reconcile_loop(self) -> None:
+        from .link import backoff  # this thread only runs with a broker, so paho is loaded already
+
         attempt = 0
         while not self._stop.is_set():
             with self._desired_cv:
@@ -516,17 +520,13 @@ class Agent:
             self._failed_generation = self._retrying_generation = None
             self._record_update(result, source="desired")
         elif retryable:
-            if self._retrying_generation != gen:  # one event per generation, not one per retry
-                self._retrying_generation = gen
-                self._record_update(result, source="desired", retrying=True)
-            else:
-                self.monitor.count_update(result.result)
-                self._last_update = result
+            first = self._retrying_generation != gen  # one event per generation, not one per retry
+            self._retrying_generation = gen
+            self._record_update(result, event=first, source="desired", retrying=True)
         else:
             self._failed_generation = gen
             self._retrying_generation = None
             self._record_update(result, source="desired")
-        self._publish_state()
         return retryable
 
 
@@ -566,13 +566,15 @@ def run_agent(config: AgentConfig, *, stop: threading.Event | None = None) -> in
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handle)
-    agent = Agent(config)
+    agent: Agent | None = None
     try:
+        agent = Agent(config)
         agent.start()
         while not done.wait(0.5):
             pass
     finally:
-        agent.stop()
+        if agent is not None:
+            agent.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

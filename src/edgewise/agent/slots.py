@@ -93,18 +93,22 @@ class Slots:
         """The slot committed before the current one (the rollback target), if it is still intact on disk."""
         return SlotRecord.from_json(self._read_state().get("previous"))
 
-    def path(self, slot: str) -> Path:
+    def slot_dir(self, slot: str) -> Path:
+        """The directory of slot ``"a"`` or ``"b"``."""
         if slot not in SLOT_NAMES:
             raise SlotError(f"unknown slot {slot!r}; slots are {SLOT_NAMES}")
-        return self.root / slot / BUNDLE_FILE
+        return self.root / slot
+
+    def bundle(self, slot: str | Path) -> Path:
+        """The bundle file inside a slot (given by name or directory)."""
+        return self.slot_dir(self._slot_name(slot)) / BUNDLE_FILE
 
     def committed(self) -> Path | None:
-        """Path of the committed bundle, or None if nothing was ever committed (or its file is gone)."""
+        """Directory of the committed slot, or None if nothing was ever committed (or its bundle is gone)."""
         rec = self.record()
         if rec is None:
             return None
-        p = self.path(rec.slot)
-        return p if p.exists() else None
+        return self.slot_dir(rec.slot) if self.bundle(rec.slot).exists() else None
 
     def inactive(self) -> str:
         """The slot a new bundle goes into: the one not committed."""
@@ -116,7 +120,7 @@ class Slots:
     # -- writing ------------------------------------------------------------------------------
 
     def stage(self, bundle_file: Path) -> Path:
-        """Copy ``bundle_file`` into the inactive slot (durably) and return the staged bundle's path.
+        """Copy ``bundle_file`` into the inactive slot (durably) and return that slot's directory.
 
         Staging overwrites the rollback target, so the previous record is dropped
         first: from then on only the committed slot counts as loadable.
@@ -127,7 +131,7 @@ class Slots:
         if prev is not None and prev.slot == slot:
             state["previous"] = None
             self._write_state(state)
-        dest = self.path(slot)
+        dest = self.bundle(slot)
         part = dest.with_name(BUNDLE_FILE + ".part")
         try:
             dest.unlink(missing_ok=True)
@@ -140,7 +144,7 @@ class Slots:
         except OSError as exc:
             part.unlink(missing_ok=True)
             raise SlotError(f"cannot stage {bundle_file} into slot {slot}: {exc.strerror or exc}; free some disk space") from None
-        return dest
+        return dest.parent
 
     def commit(self, slot_or_path: str | Path, manifest: "Manifest", sha256: str = "") -> SlotRecord:
         """Make ``slot`` the committed one; the old committed slot becomes the rollback target.
@@ -152,7 +156,7 @@ class Slots:
         if not sha256:
             from ..bundle import sha256_file
 
-            sha256 = sha256_file(self.path(slot))
+            sha256 = sha256_file(self.bundle(slot))
         state = self._read_state()
         old = SlotRecord.from_json(state.get("committed"))
         rec = SlotRecord(slot, manifest.name, manifest.version, sha256, time.time())
@@ -178,7 +182,7 @@ class Slots:
             return slot_or_path
         p = Path(slot_or_path)
         for name in SLOT_NAMES:
-            if p in (self.root / name, self.path(name)):
+            if p in (self.root / name, self.root / name / BUNDLE_FILE):
                 return name
         raise SlotError(f"{slot_or_path} is not one of the slots under {self.root}")
 

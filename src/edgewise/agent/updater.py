@@ -195,8 +195,8 @@ class Updater:
         self._lock = threading.Lock()
 
     def trusted(self) -> TrustedKeys:
-        """The keys in the trust directory, read fresh so a key dropped in takes effect without a restart."""
-        if not self.trust_dir.is_dir():
+        """The keys in the trust directory (or key file), read fresh so a key dropped in takes effect without a restart."""
+        if not self.trust_dir.exists():
             return TrustedKeys()
         try:
             return TrustedKeys.from_paths([self.trust_dir])
@@ -231,7 +231,7 @@ class Updater:
         return model, problem + f"; rolled back to slot {prev.slot} ({prev.model} {prev.version})"
 
     def _load_slot(self, rec: SlotRecord) -> LoadedModel:
-        vb = verify_bundle(self.slots.path(rec.slot), self.trusted())
+        vb = verify_bundle(self.slots.bundle(rec.slot), self.trusted())
         if vb.sha256 != rec.sha256:
             raise ModelLoadError(f"slot {rec.slot} changed since it was committed (sha256 {vb.sha256[:16]}…, recorded {rec.sha256[:16]}…)")
         if (vb.manifest.name, vb.manifest.version) != (rec.model, rec.version):
@@ -261,6 +261,7 @@ class Updater:
         if self.fetcher is None:
             return _result(gen, want_model, want_version, "failed", "the agent has no server URL to fetch from; start it with --server"), False
         dest = self.downloads / f"{desired.artifact.sha256}.ewb"
+        self._forget_other_downloads(keep=dest)
         try:
             path = self.fetcher.fetch(desired.artifact, dest)
         except FetchError as exc:
@@ -271,6 +272,14 @@ class Updater:
             return self._install_file(path, expect=(want_model, want_version), generation=gen), False
         finally:
             dest.unlink(missing_ok=True)
+
+    def _forget_other_downloads(self, keep: Path) -> None:
+        """Partial downloads of artifacts no longer wanted would only fill the disk."""
+        if not self.downloads.is_dir():
+            return
+        for p in self.downloads.iterdir():
+            if p.name not in (keep.name, keep.name + ".part"):
+                p.unlink(missing_ok=True)
 
     def install(self, bundle_path: Path | str, *, generation: int | None = None) -> UpdateResult:
         """Install a local bundle file through the same verify/stage/commit path (seed a device offline)."""
@@ -296,7 +305,7 @@ class Updater:
         if current is not None and current.sha256 == vb.sha256:
             return _result(generation, name, version, "ok", "already running")
         try:
-            staged = self.slots.stage(vb.path)
+            staged = self.slots.bundle(self.slots.stage(vb.path))
         except SlotError as exc:
             return _result(generation, name, version, "failed", str(exc))
         # From here on the new model sits in the inactive slot; any failure abandons it there.

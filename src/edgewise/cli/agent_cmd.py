@@ -50,9 +50,9 @@ def agent(
     if install:
         seed = Agent(config)
         try:
-            seed.install(install)
-        except Exception as exc:  # noqa: BLE001 - report any refusal and stop
-            fail(f"cannot install {install}: {exc}")
+            result = seed.install(install)
         finally:
             seed.stop()
+        if result.result != "ok":
+            fail(f"cannot install {install}: {result.reason}")
     run_agent(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ from ._util import fail, print_json
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -41,11 +43,13 @@ def demo(
         err.print(f"[yellow]port {port} is in use; using a free port instead[/yellow]")
         port = 0
 
-    def hold() -> None:
-        err.print(f"[bold green]fleet is up:[/bold green] dashboard at http://127.0.0.1:{port or '?'}/ - press Ctrl-C to stop")
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
+    def hold(url: str) -> None:
+        err.print(f"[bold green]fleet is up:[/bold green] dashboard at {url} - press Ctrl-C to stop")
+        stop = threading.Event()
+        # Ctrl-C, or SIGTERM from a service manager: either shuts everything down cleanly.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(0.5):
             pass
 
     with err.status("starting") as status:

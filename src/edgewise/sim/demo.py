@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -74,13 +75,22 @@ def _device_versions(server: str) -> dict[str, str | None]:
     return {d["id"]: d.get("version") for d in http_json("GET", f"{server}/api/v1/devices")}
 
 
+def _feed(fleet: list[AgentProcess], x: np.ndarray, stop: threading.Event, per_second: float = 5.0) -> None:
+    rng = np.random.default_rng(1)
+    while not stop.wait(1.0 / per_second):
+        for dev in fleet:
+            j = int(rng.integers(len(x)))
+            with contextlib.suppress(Exception):
+                dev.predict(x[j : j + 1])
+
+
 def run_demo(
     agents: int = 3,
     samples_per_agent: int = 60,
     workdir: Path | None = None,
     port: int = 0,
     mqtt_port: int = 0,
-    keep_running: Callable[[], None] | None = None,
+    keep_running: Callable[[str], None] | None = None,
     progress: Progress = lambda msg: None,
 ) -> DemoResult:
     """Run the demo end to end and return its figures; ``keep_running`` blocks before teardown."""
@@ -191,7 +201,15 @@ def run_demo(
             per_device=per_device,
         )
         if keep_running is not None:
-            keep_running()
+            # Keep a trickle of real traffic going so the dashboard shows live rates.
+            stop_feed = threading.Event()
+            feeder = threading.Thread(target=_feed, args=(fleet, data.x_test, stop_feed), daemon=True)
+            feeder.start()
+            try:
+                keep_running(f"{server}/")
+            finally:
+                stop_feed.set()
+                feeder.join(5)
         return result
     finally:
         progress("shutting down")
