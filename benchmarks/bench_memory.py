@@ -26,6 +26,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+FLOOR = """
+import sys, time, sqlite3, http.server, ssl
+import numpy as np, onnxruntime as ort, pydantic, paho.mqtt.client
+from cryptography.hazmat.primitives.asymmetric import ed25519
+so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.inter_op_num_threads = 1
+s = ort.InferenceSession(open(sys.argv[1], "rb").read(), so, providers=["CPUExecutionProvider"])
+s.run(None, {"x": np.zeros((1, 64), np.float32)})
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def floor_rss(model_path: Path, settle_s: float) -> float:
+    """RSS of a bare process holding only the libraries the agent must have and one session: the baseline."""
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR, str(model_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        time.sleep(settle_s)
+        return psutil.Process(proc.pid).memory_info().rss / 2**20
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
 def run(settle_s: float = 8.0, env: dict | None = None) -> dict:
     root = tempdir("ew-bench-mem-")
     bundles, pub = build_demo_bundles(root)
@@ -49,8 +73,16 @@ def run(settle_s: float = 8.0, env: dict | None = None) -> dict:
         p = psutil.Process(proc.pid)
         mem = p.memory_full_info()
         rss_mb = mem.rss / 2**20
+        from edgewise.bundle import verify_bundle
+        from edgewise.security import TrustedKeys
+
+        model_path = root / "model.onnx"
+        model_path.write_bytes(verify_bundle(bundles["1.0.0"], TrustedKeys.from_paths([pub])).read_model())
+        floor = floor_rss(model_path, 2.0)
         return {
             "rss_mb": round(rss_mb, 1),
+            "floor_rss_mb": round(floor, 1),
+            "agent_over_floor_mb": round(rss_mb - floor, 1),
             "uss_mb": round(mem.uss / 2**20, 1),
             "threads": p.num_threads(),
             "broker": "mosquitto" if broker else "none (retrying)",
