@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..protocol import topics
-from .fsutil import atomic_write
+from ..fsutil import atomic_write
 
 CONFIG_FILE = "config.toml"
 DEFAULT_MQTT_PORT = 1883

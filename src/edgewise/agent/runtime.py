@@ -24,22 +24,7 @@ from ..data.preprocessing import PreprocessingError
 if TYPE_CHECKING:
     from ..bundle import Manifest, TensorSpec, VerifiedBundle
 
-# ONNX Runtime's type strings -> the numpy names the manifest uses.
-_ORT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(int16)": "int16",
-    "tensor(uint16)": "uint16",
-    "tensor(int32)": "int32",
-    "tensor(uint32)": "uint32",
-    "tensor(int64)": "int64",
-    "tensor(uint64)": "uint64",
-    "tensor(bool)": "bool",
-    "tensor(string)": "str",
-}
+from ..bundle.manifest import ORT_TYPES as _ORT_TYPES
 
 
 class InputError(ValueError):

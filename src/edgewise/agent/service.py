@@ -30,7 +30,7 @@ from .. import __version__
 from ..protocol import Batch, DesiredState, DeviceState, Event, HardwareInfo, ProtocolError, Telemetry, UpdateResult, decode, encode, topics
 from .api import LocalApi
 from .config import AgentConfig
-from .fsutil import atomic_write
+from ..fsutil import atomic_write
 from .monitor import Monitor
 from .outbox import Outbox, OutboxRecord
 from .runtime import LoadedModel

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .fsutil import atomic_write, fsync_dir
+from ..fsutil import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
     from ..bundle import Manifest

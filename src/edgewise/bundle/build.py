@@ -14,20 +14,8 @@ from ..data.preprocessing import PreprocessingSpec
 from ..security.keys import Signer
 from . import format as fmt
 from .errors import BundleError
-from .manifest import MANIFEST_MEMBER, MODEL_MEMBER, Manifest, Member, ModelInfo, Requirements, TensorSpec
+from .manifest import MANIFEST_MEMBER, ORT_TYPES, MODEL_MEMBER, Manifest, Member, ModelInfo, Requirements, TensorSpec
 
-_ORT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(bool)": "bool",
-    "tensor(string)": "str",
-}
 
 
 def describe_model(model_bytes: bytes) -> ModelInfo:
@@ -40,7 +28,7 @@ def describe_model(model_bytes: bytes) -> ModelInfo:
         raise BundleError(f"ONNX Runtime cannot load the model: {exc}") from None
 
     def spec(arg: Any) -> TensorSpec:
-        return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, arg.type), shape=list(arg.shape))
+        return TensorSpec(name=arg.name, dtype=ORT_TYPES.get(arg.type, arg.type), shape=list(arg.shape))
 
     opset: dict[str, int] = {}
     ir_version = producer = None

@@ -14,6 +14,23 @@ FORMAT = "edgewise-bundle/1"
 MODEL_MEMBER = "model.onnx"
 MANIFEST_MEMBER = "manifest.json"
 
+# ONNX Runtime's type strings -> the numpy names the manifest uses.
+ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int16)": "int16",
+    "tensor(uint16)": "uint16",
+    "tensor(int32)": "int32",
+    "tensor(uint32)": "uint32",
+    "tensor(int64)": "int64",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+    "tensor(string)": "str",
+}
+
 # semver.org's regex: MAJOR.MINOR.PATCH[-prerelease][+build]
 SEMVER_RE = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"

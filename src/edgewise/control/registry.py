@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..fsutil import fsync_dir, fsync_file
 from ..bundle import BundleError, semver_key, verify_bundle
 from ..security import TrustedKeys
 from .errors import BundleRejectedError, ModelNotFoundError, UploadTooLargeError, VersionConflictError
@@ -119,14 +120,14 @@ class Registry:
                 if existing is None:
                     raise
                 return StoreResult(self._same_or_conflict(existing, verified.sha256), created=False)
-            _fsync(upload)
+            fsync_file(upload)
             os.replace(upload, target)
             try:
                 session.commit()
             except BaseException:
                 target.unlink(missing_ok=True)
                 raise
-            _fsync_dir(self.bundles_dir)
+            fsync_dir(self.bundles_dir)
             log.info("stored bundle %s %s (%d bytes, key %s)", name, version, row.size, row.key_id)
             return StoreResult(row, created=True)
         finally:
@@ -196,19 +197,3 @@ def _semver_sorted(rows: Iterable[ModelVersion]) -> list[ModelVersion]:
     return sorted(rows, key=lambda r: semver_key(r.version))
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a power cut leaves either the old file or the new one, never half of one."""
+"""Crash-safe file writes, shared by agent and control plane: a power cut leaves either the old
+file or the new one, never half of one."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Persist a file's content (e.g. before renaming it into place)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def atomic_write(path: Path, data: bytes) -> None:
