@@ -96,3 +96,27 @@ def test_agent_counts_bad_input_and_keeps_serving(tmp_path, keys_dir, bundles, d
         assert agent.monitor.inferences == 1
     finally:
         agent.stop()
+
+
+def _tuned_bundle(tmp_path, digits_models, signer, trusted, runtime):
+    from edgewise.bundle import build_bundle
+
+    path = tmp_path / "tuned.ewb"
+    build_bundle(digits_models["logreg"], name="digits", version="1.0.0", signer=signer, out=path,
+                 runtime=runtime, variant={"name": "fp32-tuned", "recipe": "fp32", "profile": "x86-gateway"})
+    return verify_bundle(path, trusted)
+
+
+def test_runtime_settings_tuned_for_the_profile_are_applied(tmp_path, digits_models, signer, trusted):
+    vb = _tuned_bundle(tmp_path, digits_models, signer, trusted,
+                       {"intra_op_threads": 2, "inter_op_threads": 1, "graph_optimization_level": "ORT_ENABLE_BASIC"})
+    assert vb.manifest.variant.name == "fp32-tuned"
+    opts = LoadedModel.from_bundle(vb)._session.get_session_options()
+    assert opts.intra_op_num_threads == 2
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+def test_the_devices_own_thread_setting_wins_over_the_bundles(tmp_path, digits_models, signer, trusted):
+    vb = _tuned_bundle(tmp_path, digits_models, signer, trusted, {"intra_op_threads": 2})
+    opts = LoadedModel.from_bundle(vb, threads=1)._session.get_session_options()
+    assert opts.intra_op_num_threads == 1

@@ -45,7 +45,10 @@ class AgentConfig(BaseModel):
     api_port: int = Field(default=DEFAULT_API_PORT, ge=0, le=65535, description="0 picks a free port (see api.port).")
     telemetry_interval_s: float = Field(default=10.0, gt=0)
     flush_interval_s: float = Field(default=1.0, gt=0)
-    threads: int = Field(default=1, ge=1, le=256, description="ONNX Runtime intra-op threads.")
+    threads: int | None = Field(
+        default=None, ge=1, le=256,
+        description="ONNX Runtime intra-op threads; default: the bundle's tuned setting, else 1.",
+    )
     tags: list[str] = Field(default_factory=list)
     trust_dir: Path | None = Field(default=None, description="Public keys bundles must be signed with; default state_dir/trust.")
     outbox_max_bytes: int = Field(default=16 * 2**20, ge=4096)

@@ -153,13 +153,17 @@ class LoadedModel:
         self._single: InputSpec | None = self.inputs[actual[0]] if len(actual) == 1 else None
 
     @classmethod
-    def from_bundle(cls, bundle: "VerifiedBundle", *, threads: int = 1) -> "LoadedModel":
+    def from_bundle(cls, bundle: "VerifiedBundle", *, threads: int | None = None) -> "LoadedModel":
         """Load the model of a verified bundle into a fresh ONNX Runtime session."""
         import onnxruntime as ort  # lazy: the agent imports this module before it knows it has a model
 
+        tuned = bundle.manifest.runtime
         so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
+        # The device's own setting wins; else what `edgewise optimize` tuned for the profile; else 1.
+        so.intra_op_num_threads = threads or (tuned.intra_op_threads if tuned and tuned.intra_op_threads else 1)
+        so.inter_op_num_threads = (tuned.inter_op_threads if tuned and tuned.inter_op_threads else 1)
+        if tuned is not None:
+            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, tuned.graph_optimization_level)
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
         # Spinning threads buy microseconds with a busy core; on a battery-powered board that is a bad trade.
@@ -167,7 +171,10 @@ class LoadedModel:
         manifest = bundle.manifest
         try:
             model_bytes = bundle.read_model()
-            session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+            providers = ["CPUExecutionProvider"]
+            if tuned is not None and tuned.execution_provider in ort.get_available_providers():
+                providers = list(dict.fromkeys([tuned.execution_provider, "CPUExecutionProvider"]))
+            session = ort.InferenceSession(model_bytes, so, providers=providers)
         except ModelLoadError:
             raise
         except Exception as exc:  # ORT raises its own exception zoo; BundleError for a changed member

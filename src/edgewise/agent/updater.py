@@ -183,7 +183,7 @@ class Updater:
         activate: Callable[[LoadedModel], None],
         current: Callable[[], LoadedModel | None],
         fetcher: Fetcher | None = None,
-        threads: int = 1,
+        threads: int | None = None,
     ) -> None:
         self.slots = slots
         self.trust_dir = Path(trust_dir)

@@ -2,7 +2,7 @@
 
 from .build import build_bundle, describe_model
 from .errors import BundleError, BundleFormatError, BundleManifestError, BundleMemberError, BundleSignatureError
-from .manifest import FORMAT, Manifest, TensorSpec, check_semver, semver_key
+from .manifest import FORMAT, Manifest, RuntimeSettings, TensorSpec, Variant, check_semver, semver_key
 from .verify import SignatureInfo, VerifiedBundle, read_manifest, sha256_file, verify_bundle
 
 __all__ = [
@@ -13,6 +13,8 @@ __all__ = [
     "BundleMemberError",
     "BundleSignatureError",
     "Manifest",
+    "RuntimeSettings",
+    "Variant",
     "SignatureInfo",
     "TensorSpec",
     "VerifiedBundle",

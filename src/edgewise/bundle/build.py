@@ -14,7 +14,18 @@ from ..data.preprocessing import PreprocessingSpec
 from ..security.keys import Signer
 from . import format as fmt
 from .errors import BundleError
-from .manifest import MANIFEST_MEMBER, ORT_TYPES, MODEL_MEMBER, Manifest, Member, ModelInfo, Requirements, TensorSpec
+from .manifest import (
+    MANIFEST_MEMBER,
+    MODEL_MEMBER,
+    ORT_TYPES,
+    Manifest,
+    Member,
+    ModelInfo,
+    Requirements,
+    RuntimeSettings,
+    TensorSpec,
+    Variant,
+)
 
 
 
@@ -70,6 +81,8 @@ def build_bundle(
     extra_members: Mapping[str, bytes] | None = None,
     metadata: Mapping[str, Any] | None = None,
     created_at: datetime | None = None,
+    runtime: RuntimeSettings | Mapping[str, Any] | None = None,
+    variant: Variant | Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Write a signed ``.ewb`` to ``out`` atomically and return its manifest."""
     model_bytes = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
@@ -92,6 +105,8 @@ def build_bundle(
         ),
         members={n: Member(sha256=hashlib.sha256(b).hexdigest(), size=len(b)) for n, b in sorted(members.items())},
         metadata=dict(metadata or {}),
+        runtime=RuntimeSettings.model_validate(runtime) if isinstance(runtime, Mapping) else runtime,
+        variant=Variant.model_validate(variant) if isinstance(variant, Mapping) else variant,
     )
     if created_at is not None:
         fields["created_at"] = created_at

@@ -94,6 +94,36 @@ class Requirements(BaseModel):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
 
 
+class RuntimeSettings(BaseModel):
+    """ONNX Runtime settings tuned for a device profile (by `edgewise optimize`); the agent applies them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    intra_op_threads: int | None = Field(default=None, ge=1)
+    inter_op_threads: int | None = Field(default=None, ge=1)
+    graph_optimization_level: str = Field(
+        default="ORT_ENABLE_ALL", pattern=r"^ORT_(DISABLE_ALL|ENABLE_BASIC|ENABLE_EXTENDED|ENABLE_LAYOUT|ENABLE_ALL)$"
+    )
+    execution_provider: str = "CPUExecutionProvider"
+
+
+class Variant(BaseModel):
+    """One of several builds of the same model version (fp32, int8, pruned-int8, ...).
+
+    ``profile`` and ``figures`` come from the optimize report that produced it, so the control
+    plane can pick the best variant a device can run without measuring again.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    recipe: str | None = None
+    base_model_sha256: str | None = Field(default=None, description="sha256 of the FP32 model this was derived from.")
+    profile: str | None = None
+    measured_on: str | None = Field(default=None, description="Machine that measured the figures.")
+    figures: dict[str, Any] = Field(default_factory=dict, description="size, latency, accuracy, drop, peak memory.")
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -107,6 +137,8 @@ class Manifest(BaseModel):
     labels: list[str] | None = None
     requirements: Requirements = Field(default_factory=Requirements)
     members: dict[str, Member]
+    runtime: RuntimeSettings | None = None
+    variant: Variant | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("format")
