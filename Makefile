@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[all,dev]'
+	# Data only: the BasicMotions set ships inside aeon; --no-deps keeps aeon's numba/pandas pins out
+	# (edgewise reads the .ts files itself and never imports aeon). See docs/dependencies.md.
+	$(BIN)/python -m pip install -q --no-deps aeon==1.6.0
 	touch $@
 
 setup: $(STAMP)
@@ -30,6 +33,7 @@ test: setup system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: setup system-deps
+	$(BIN)/python -m pip install -q nncf==3.4.0   # comparison baseline only
 	$(BIN)/python benchmarks/run.py
 
 clean:
