@@ -30,11 +30,12 @@ def version() -> None:
 
 
 def _register() -> None:
-    from . import agent_cmd, demo_cmd, server_cmd
+    from . import agent_cmd, demo_cmd, optimize_cmd, server_cmd
 
     app.command("agent")(agent_cmd.agent)
     app.command("server")(server_cmd.server)
     app.command("demo")(demo_cmd.demo)
+    app.command("optimize")(optimize_cmd.optimize)
 
 
 _register()
