@@ -23,20 +23,35 @@ def create(
     preprocessing: Path | None = typer.Option(None, "--preprocessing", help="JSON preprocessing spec."),
     description: str = typer.Option("", "--description"),
     min_ram_mb: int | None = typer.Option(None, "--min-ram-mb", help="Override the estimated minimum RAM."),
+    variant_of: Path | None = typer.Option(
+        None, "--variant-of", help="`edgewise optimize` output folder (or report.json) MODEL came from: "
+        "links the variant to its model version with its profile figures and tuned runtime settings.",
+    ),
+    variant: str | None = typer.Option(None, "--variant", help="Variant name [default: the optimize candidate's name]."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Write one signed file holding the model, its manifest and preprocessing."""
     from ..bundle import BundleError, build_bundle
+    from ..bundle.variant import variant_from_report
     from ..security import KeyFileError, load_signer
 
-    out = out or Path(f"{name}-{version}.ewb")
+    suffix = f"-{variant}" if variant else ""
     try:
         signer = load_signer(key)
+        variant_info, runtime = variant_from_report(variant_of, model, variant) if variant_of else (None, None)
+        if variant_info is not None and not variant:
+            suffix = f"-{variant_info.name}"
+        if variant and variant_info is None:
+            from ..bundle import Variant
+
+            variant_info = Variant(name=variant)
+        out = out or Path(f"{name}-{version}{suffix}.ewb")
         spec = json.loads(preprocessing.read_text()) if preprocessing else None
         label_list = [line.strip() for line in labels.read_text().splitlines() if line.strip()] if labels else None
         manifest = build_bundle(
             model, name=name, version=version, signer=signer, out=out, labels=label_list,
             preprocessing=spec, description=description, min_ram_mb=min_ram_mb,
+            variant=variant_info, runtime=runtime,
         )
     except (BundleError, KeyFileError, ValueError, OSError) as exc:
         fail(str(exc))
@@ -65,6 +80,20 @@ def _manifest_table(manifest, sig, path: Path):  # type: ignore[no-untyped-def]
     t.add_row("labels", ", ".join(manifest.labels) if manifest.labels else "none")
     t.add_row("min RAM", f"{manifest.requirements.min_ram_mb} MB")
     t.add_row("runtime", f"{manifest.requirements.runtime} >= {manifest.requirements.min_runtime_version}")
+    if manifest.runtime is not None:
+        r = manifest.runtime
+        t.add_row("tuned settings", f"{r.execution_provider}, {r.intra_op_threads or '-'} threads, {r.graph_optimization_level}")
+    if manifest.variant is not None:
+        v = manifest.variant
+        f = v.figures
+        figs = ", ".join(
+            s for s in (
+                f"{f['latency_b1_median_ms']:.3f} ms" if f.get("latency_b1_median_ms") is not None else "",
+                f"{f.get('metric')} {f['metric_value']:.4f}" if f.get("metric_value") is not None else "",
+                f"drop {f['drop']:+.4f}" if f.get("drop") is not None else "",
+            ) if s
+        )
+        t.add_row("variant", f"{v.name} ({v.recipe or 'custom'}) for {v.profile or 'any profile'}" + (f": {figs}" if figs else ""))
     for name, m in sorted(manifest.members.items()):
         t.add_row("member", f"{name}  {m.size:,} B  sha256 {m.sha256[:16]}…")
     return t
