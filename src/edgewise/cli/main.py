@@ -30,12 +30,15 @@ def version() -> None:
 
 
 def _register() -> None:
-    from . import agent_cmd, demo_cmd, optimize_cmd, server_cmd
+    from . import agent_cmd, compress_cmd, demo_cmd, optimize_cmd, server_cmd
 
     app.command("agent")(agent_cmd.agent)
     app.command("server")(server_cmd.server)
     app.command("demo")(demo_cmd.demo)
     app.command("optimize")(optimize_cmd.optimize)
+    app.command("prune")(compress_cmd.prune)
+    app.command("distill")(compress_cmd.distill)
+    app.command("compress")(compress_cmd.compress)
 
 
 _register()
