@@ -109,13 +109,9 @@ def export_onnx(
 
 def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     """A CPU ONNX Runtime session with ``threads`` intra-op threads (1: as on a small device, and stable to time)."""
-    import onnxruntime as ort
+    from .optimize.measure import RuntimeSettings, make_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return make_session(path, RuntimeSettings(intra_op_threads=threads))
 
 
 def onnx_predict(path: str | Path, x: np.ndarray, batch_size: int = 256, sess: ort.InferenceSession | None = None) -> np.ndarray:
@@ -136,7 +132,7 @@ class Latency:
     """ONNX Runtime latency of one call, in milliseconds."""
 
     p50_ms: float
-    p90_ms: float
+    p95_ms: float
     mean_ms: float
     batch: int
     threads: int
@@ -149,19 +145,20 @@ class Latency:
 def measure_latency(
     path: str | Path, example: np.ndarray, *, runs: int = 200, warmup: int = 20, threads: int = 1
 ) -> Latency:
-    """Time ``runs`` calls of the ONNX model on ``example`` (its batch size is the batch measured)."""
+    """Latency of the ONNX model on ``example`` (its batch size is the batch measured).
+
+    The same timing code as `edgewise optimize` (:func:`edgewise.lab.optimize.measure.time_interleaved`),
+    so a stage of `compress` and a variant of `optimize` are measured alike; ``warmup`` is kept for
+    callers, the timer warms up by itself.
+    """
+    from .optimize.measure import time_interleaved
+
     sess = session(path, threads=threads)
-    name = sess.get_inputs()[0].name
-    feed = {name: np.ascontiguousarray(example, dtype=np.float32)}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = np.empty(runs)
-    for i in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times[i] = time.perf_counter() - t
-    times *= 1e3
+    feed = {sess.get_inputs()[0].name: np.ascontiguousarray(example, dtype=np.float32)}
+    rounds = max(1, min(10, runs // 5))
+    lat = time_interleaved({"m": (sess, feed)}, rounds=rounds, min_runs_per_round=max(1, runs // rounds),
+                           max_runs_per_round=max(1, runs // rounds))["m"]
     return Latency(
-        p50_ms=float(np.percentile(times, 50)), p90_ms=float(np.percentile(times, 90)), mean_ms=float(times.mean()),
-        batch=int(example.shape[0]), threads=threads, runs=runs,
+        p50_ms=lat.median_ms, p95_ms=lat.p95_ms, mean_ms=lat.mean_ms,
+        batch=int(example.shape[0]), threads=threads, runs=lat.runs,
     )
