@@ -11,6 +11,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_demo  # noqa: E402
+import bench_lab  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_predict  # noqa: E402
 from _common import machine  # noqa: E402
@@ -18,7 +19,7 @@ from _common import machine  # noqa: E402
 
 def main() -> int:
     results = {}
-    for name, mod in (("predict", bench_predict), ("memory", bench_memory), ("demo", bench_demo)):
+    for name, mod in (("predict", bench_predict), ("memory", bench_memory), ("demo", bench_demo), ("lab", bench_lab)):
         print(f"== {name}", flush=True)
         results[name] = mod.run()
         print(json.dumps(results[name], indent=2), flush=True)
@@ -61,7 +62,13 @@ alone holds, is {mem['uss_mb']} MB.
 {d['wall_s']} s for {d['agents']} agents ({d['deployed']}/{d['agents']} on the final version, {d['inferences']} inferences,
 accuracy {d['accuracy']}, telemetry received {d['telemetry_received']}, lost {d['telemetry_lost']}).
 Target < 90 s on 2 cores — met: {ok(d['pass'])}.
-"""
+
+## The lab: `edgewise optimize` vs ONNX Runtime's defaults vs NNCF (issue 3)
+Batch 1, one intra-op thread, the same interleaved timer for every variant, accuracy on the held-out
+split. Profile `x86-vnni-bench` (this machine; figures measured on the target). Accuracy budget
+0.5 points for the digits models, 1 point for BasicMotions. Pruning: 50% of channels (torch-pruning),
+fine-tuned, then optimized.
+{bench_lab.markdown(results['lab'])}"""
     (HERE.parent / "docs" / "benchmarks.md").write_text(md)
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "latest.json").write_text(json.dumps({"machine": m, **results}, indent=2))
