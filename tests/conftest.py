@@ -65,8 +65,8 @@ def trusted(keys_dir) -> TrustedKeys:
 
 
 @pytest.fixture(scope="session")
-def bundles(tmp_path_factory, digits_models, signer) -> dict[str, Path]:
-    """Signed bundles digits-1.0.0 (logreg) and digits-1.1.0 (mlp)."""
+def bundles(tmp_path_factory, digits_models, digits_data, signer) -> dict[str, Path]:
+    """Signed bundles digits-1.0.0 (logreg) and digits-1.1.0 (mlp), each with 16 golden samples."""
     from edgewise.lab.demo_model import LABELS, PREPROCESSING
 
     d = tmp_path_factory.mktemp("bundles")
@@ -75,7 +75,7 @@ def bundles(tmp_path_factory, digits_models, signer) -> dict[str, Path]:
         path = d / f"digits-{version}.ewb"
         build_bundle(
             digits_models[kind], name="digits", version=version, signer=signer, out=path,
-            labels=LABELS, preprocessing=PREPROCESSING,
+            labels=LABELS, preprocessing=PREPROCESSING, golden=({"x": digits_data.x_test[:16]},),
         )
         out[version] = path
     return out
@@ -104,3 +104,13 @@ def mosquitto(tmp_path_factory):
             proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train as fast on one thread, and a busy 2-core machine cannot stall an OpenMP barrier."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,13 +26,7 @@ runner = CliRunner()
 FAST = ["--train-epochs", "2", "--epochs", "1", "--latency-runs", "6"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models train as fast on one thread, and a busy 2-core machine cannot stall an OpenMP barrier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
