@@ -13,13 +13,14 @@ sys.path.insert(0, str(HERE))
 import bench_demo  # noqa: E402
 import bench_lab  # noqa: E402
 import bench_memory  # noqa: E402
+import bench_outbox  # noqa: E402
 import bench_predict  # noqa: E402
 from _common import machine  # noqa: E402
 
 
 def main() -> int:
     results = {}
-    for name, mod in (("predict", bench_predict), ("memory", bench_memory), ("demo", bench_demo), ("lab", bench_lab)):
+    for name, mod in (("predict", bench_predict), ("memory", bench_memory), ("demo", bench_demo), ("outbox", bench_outbox), ("lab", bench_lab)):
         print(f"== {name}", flush=True)
         results[name] = mod.run()
         print(json.dumps(results[name], indent=2), flush=True)
@@ -63,6 +64,10 @@ alone holds, is {mem['uss_mb']} MB.
 accuracy {d['accuracy']}, telemetry received {d['telemetry_received']}, lost {d['telemetry_lost']}).
 Target < 90 s on 2 cores — met: {ok(d['pass'])}.
 
+## The durable outbox: enqueue, drain to Mosquitto, catch-up, bytes per event (issue 4)
+Telemetry records as the agent writes them; 100,000 buffered, drained by the agent's own `drain_once`
+through a real paho client to Mosquitto on loopback (`benchmarks/bench_outbox.py`).
+{bench_outbox.markdown(results['outbox'])}
 ## The lab: `edgewise optimize` vs ONNX Runtime's defaults vs NNCF (issue 3)
 Batch 1, one intra-op thread, the same interleaved timer for every variant, accuracy on the held-out
 split. Profile `x86-vnni-bench` (this machine; figures measured on the target). Accuracy budget

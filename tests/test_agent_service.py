@@ -103,8 +103,9 @@ def test_older_generations_are_ignored_and_the_latest_desired_state_wins(tmp_pat
     try:
         cp.desire("svc-4", 5, model="digits", version="1.1.0", artifact=artifact_for(bundles["1.1.0"], ARTIFACT))
         wait_for(lambda: (s := cp.last_state("svc-4")) and s.generation == 5, what="generation 5")
-        cp.desire("svc-4", 3, model="digits", version="1.0.0", artifact=artifact_for(bundles["1.0.0"], "artifacts/digits-1.0.0.ewb"))
-        cp.desire("svc-4", 6, model="digits", version="1.0.0", artifact=artifact_for(bundles["1.0.0"], "artifacts/digits-1.0.0.ewb"))
+        # going down from 1.1.0 needs an explicit rollback (rollback protection)
+        cp.desire("svc-4", 3, model="digits", version="1.0.0", artifact=artifact_for(bundles["1.0.0"], "artifacts/digits-1.0.0.ewb"), rollback=True)
+        cp.desire("svc-4", 6, model="digits", version="1.0.0", artifact=artifact_for(bundles["1.0.0"], "artifacts/digits-1.0.0.ewb"), rollback=True)
         wait_for(lambda: (s := cp.last_state("svc-4")) and s.generation == 6, what="generation 6")
         assert agent.model_version == "1.0.0"
         assert 3 not in [s.generation for s in cp.of("svc-4", "state")]
@@ -147,7 +148,7 @@ def test_predictions_in_flight_during_a_swap_complete_without_error(tmp_path, ke
         t.start()
     try:
         for version in ("1.1.0", "1.0.0", "1.1.0", "1.0.0"):
-            assert agent.install(bundles[version]).result == "ok"
+            assert agent.install(bundles[version], rollback=True).result == "ok"
     finally:
         stop.set()
         for t in threads:

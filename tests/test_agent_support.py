@@ -144,8 +144,14 @@ class ControlPlane:
         if retain:
             self._retained.add(topic)
 
-    def desire(self, device_id: str, generation: int, *, model: str | None = None, version: str | None = None, artifact: ArtifactRef | None = None) -> None:
-        msg = DesiredState(device_id=device_id, generation=generation, model=model, version=version, artifact=artifact, issued_at=time.time())
+    def desire(
+        self, device_id: str, generation: int, *, model: str | None = None, version: str | None = None,
+        artifact: ArtifactRef | None = None, rollback: bool = False,
+    ) -> None:
+        msg = DesiredState(
+            device_id=device_id, generation=generation, model=model, version=version, artifact=artifact,
+            rollback=rollback, issued_at=time.time(),
+        )
         self.publish(topics.desired(device_id), encode(msg))
 
     def of(self, device_id: str, kind: str) -> list[Any]:

@@ -28,13 +28,14 @@ def test_manifest_describes_model_io_hashes_and_requirements(bundles, trusted):
     assert m.model.opset["ai.onnx"] >= 13
     assert m.labels == [str(i) for i in range(10)]
     assert m.preprocessing.steps and m.requirements.min_ram_mb > 0
-    assert set(m.members) == {"model.onnx"} and len(m.members["model.onnx"].sha256) == 64
+    assert set(m.members) == {"model.onnx", "golden.npz"} and len(m.members["model.onnx"].sha256) == 64
+    assert m.golden is not None and m.golden.samples == 16
     assert m.created_at.tzinfo is not None
 
 
 def test_bundle_is_a_plain_zip_any_tool_can_open(bundles):
     with zipfile.ZipFile(bundles["1.0.0"]) as zf:
-        assert sorted(zf.namelist()) == ["manifest.json", "model.onnx"]
+        assert sorted(zf.namelist()) == ["golden.npz", "manifest.json", "model.onnx"]
         assert json.loads(zf.read("manifest.json"))["name"] == "digits"
 
 
@@ -75,7 +76,9 @@ def test_missing_member_is_named(tmp_path, bundles, trusted):
     src = zipfile.ZipFile(bundles["1.0.0"])
     out = tmp_path / "x.ewb"
     with zipfile.ZipFile(out, "w") as zf:
-        zf.writestr("manifest.json", src.read("manifest.json"))
+        for name in src.namelist():
+            if name != "model.onnx":
+                zf.writestr(name, src.read(name))
         zf.comment = src.comment
     with pytest.raises(BundleMemberError, match="'model.onnx' listed in the manifest is missing"):
         verify_bundle(out, trusted)

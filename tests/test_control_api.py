@@ -181,6 +181,24 @@ def test_deployment_sets_the_desired_version_shown_for_each_target(client, bundl
     assert [(d["target_kind"], d["target_value"], d["device_count"]) for d in listed] == [("tag", "lab", 2)]
 
 
+def test_a_rollback_deployment_is_published_in_the_desired_state_and_a_normal_one_clears_it(client, bundles):
+    from edgewise.control.deployments import desired_state
+
+    upload(client, bundles["1.0.0"])
+    upload(client, bundles["1.1.0"])
+    client.post("/api/v1/devices", json={"id": "a"})
+    r = client.post("/api/v1/deployments", json={"model": "digits", "version": "1.0.0", "device_id": "a", "rollback": True})
+    assert r.status_code == 201, r.text
+    assert client.get("/api/v1/devices/a").json()["desired"]["rollback"] is True
+    with client.app.state.control.db.session() as s:  # what goes on the wire
+        from edgewise.control.devices import get_device
+
+        state = desired_state(get_device(s, "a"))
+    assert state is not None and state.rollback is True and state.version == "1.0.0"
+    client.post("/api/v1/deployments", json={"model": "digits", "version": "1.1.0", "device_id": "a"})
+    assert client.get("/api/v1/devices/a").json()["desired"]["rollback"] is False
+
+
 def test_deployment_needs_exactly_one_target(client):
     r = client.post("/api/v1/deployments", json={"model": "digits", "version": "1.0.0", "device_id": "a", "tag": "x"})
     assert r.status_code == 422 and "exactly one target" in r.text

@@ -55,6 +55,11 @@ class AgentConfig(BaseModel):
     reconnect_base_s: float = Field(default=0.5, gt=0, description="First reconnect delay bound (full jitter).")
     reconnect_cap_s: float = Field(default=30.0, gt=0, description="Longest reconnect delay.")
     download_timeout_s: float = Field(default=30.0, gt=0, description="Socket timeout for artifact downloads.")
+    trial_starts: int = Field(
+        default=1, ge=1, le=100,
+        description="Agent starts a new model must load on (smoke test + golden check) before it is committed; 1 = commit after the install's trial.",
+    )
+    disk_margin_bytes: int = Field(default=16 * 2**20, ge=0, description="Free space kept beyond what an update needs.")
 
     @field_validator("device_id")
     @classmethod

@@ -27,19 +27,19 @@ from typing import Any, Mapping
 import numpy as np
 
 from .. import __version__
-from ..protocol import Batch, DesiredState, DeviceState, Event, HardwareInfo, ProtocolError, Telemetry, UpdateResult, decode, encode, topics
+from ..protocol import DesiredState, DeviceState, Event, HardwareInfo, Telemetry, UpdateResult, encode, topics
 from .api import LocalApi
 from .config import AgentConfig
 from ..fsutil import atomic_write
 from .monitor import Monitor
-from .outbox import Outbox, OutboxRecord
+from .outbox import Outbox, drain_once
 from .runtime import LoadedModel
 from .slots import Slots
 from .updater import HttpFetcher, Updater
 
 log = logging.getLogger("edgewise.agent")
 
-BATCH_RECORDS = 100
+BATCH_RECORDS = 2000  # per drain round; split into Batch messages of <= 1 MiB msgpack
 PUBLISH_TIMEOUT_S = 10.0
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
@@ -85,6 +85,8 @@ class Agent:
             current=lambda: self._model,
             fetcher=HttpFetcher(config.server_url, timeout=config.download_timeout_s),
             threads=config.threads,
+            trial_starts=config.trial_starts,
+            disk_margin=config.disk_margin_bytes,
         )
         self._link: Any = None
         self._api: LocalApi | None = None
@@ -102,6 +104,11 @@ class Agent:
         self._hardware: HardwareInfo | None = None
         self._started = False
         self._stopped = False
+        if self.outbox.recovered_from is not None:  # a corrupt outbox was moved aside: say so, loudly
+            self._emit_event(
+                "outbox_recovered", f"the outbox was corrupt and was moved aside to {self.outbox.recovered_from.name}; "
+                "records it held were not sent", severity="critical", detail={"moved_to": str(self.outbox.recovered_from)},
+            )
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -181,6 +188,8 @@ class Agent:
                 self._model = model
             if problem:
                 self._emit_event("slot_fallback" if model else "load_failed", problem, severity="error")
+            if self.updater.startup_result is not None:  # a trial committed or rolled back on this start
+                self._record_update(self.updater.startup_result, source="trial")
         if len(self.updater.trusted()) == 0:
             log.warning("no trusted keys in %s: every bundle will be refused; copy the fleet's signing .pub there", cfg.trust_path)
         try:
@@ -258,9 +267,12 @@ class Agent:
 
     # -- installing -----------------------------------------------------------------------------
 
-    def install(self, bundle_path: Path | str) -> UpdateResult:
-        """Install a local bundle through the same verify/stage/trial/commit path as an update."""
-        result = self.updater.install(bundle_path)
+    def install(self, bundle_path: Path | str, *, rollback: bool = False) -> UpdateResult:
+        """Install a local bundle through the same verify/stage/trial/commit path as an update.
+
+        A version below the highest ever committed is refused unless ``rollback`` is true.
+        """
+        result = self.updater.install(bundle_path, rollback=rollback)
         self._record_update(result, source="local", path=str(bundle_path))
         return result
 
@@ -431,42 +443,15 @@ class Agent:
                 self._flush_wake.wait(self.config.flush_interval_s)
 
     def flush_once(self) -> int:
-        """Send up to one batch of events and one of telemetry; return how many records the broker acknowledged."""
+        """Send up to ``BATCH_RECORDS`` records in Batch messages (events first); return how many the broker acknowledged."""
         link = self._link
         if link is None or not link.connected:
             return 0
-        records = self.outbox.peek(BATCH_RECORDS)
-        if not records:
-            return 0
-        sent = 0
-        for kind, topic in (("event", topics.events(self.device_id)), ("telemetry", topics.telemetry(self.device_id))):
-            group = [r for r in records if r.kind == kind]
-            if not group:
-                continue
-            items, ids, poison = self._decode_group(group)
-            if poison:
-                self.outbox.ack(poison)
-            if not items:
-                continue
-            payload = encode(Batch(device_id=self.device_id, items=items))
-            if not link.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S):
-                break  # not acknowledged: everything stays in the outbox for the next session
-            self.outbox.ack(ids)
-            sent += len(ids)
-        return sent
-
-    def _decode_group(self, group: list[OutboxRecord]) -> tuple[list[Any], list[int], list[int]]:
-        items: list[Any] = []
-        ids: list[int] = []
-        poison: list[int] = []
-        for r in group:
-            try:
-                items.append(decode(r.payload))
-                ids.append(r.id)
-            except ProtocolError as exc:
-                log.error("outbox record %d (seq %d) is unreadable and is dropped: %s", r.id, r.seq, exc)
-                poison.append(r.id)
-        return items, ids, poison
+        return drain_once(
+            self.outbox, self.device_id,
+            lambda topic, payload: link.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S),
+            max_records=BATCH_RECORDS,
+        )
 
     def _reconcile_loop(self) -> None:
         from .link import backoff  # this thread only runs with a broker, so paho is loaded already

@@ -61,6 +61,34 @@ class SlotRecord:
         return rec if rec.slot in SLOT_NAMES else None
 
 
+@dataclass(frozen=True)
+class TrialRecord:
+    """A staged slot on trial: loaded ``starts`` times (each written down *before* loading), ``passed`` of them fully.
+
+    ``starts > passed`` means an attempt never finished: the agent died while trying the model.
+    """
+
+    slot: str
+    model: str
+    version: str
+    sha256: str
+    starts: int = 0
+    passed: int = 0
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "TrialRecord | None":
+        if not isinstance(obj, dict):
+            return None
+        try:
+            rec = cls(str(obj["slot"]), str(obj["model"]), str(obj["version"]), str(obj["sha256"]), int(obj.get("starts", 0)), int(obj.get("passed", 0)))
+        except (KeyError, TypeError, ValueError):
+            return None
+        return rec if rec.slot in SLOT_NAMES else None
+
+    def as_record(self) -> SlotRecord:
+        return SlotRecord(self.slot, self.model, self.version, self.sha256)
+
+
 class Slots:
     """The two model slots of a device and the record of which one is committed."""
 
@@ -92,6 +120,18 @@ class Slots:
     def previous(self) -> SlotRecord | None:
         """The slot committed before the current one (the rollback target), if it is still intact on disk."""
         return SlotRecord.from_json(self._read_state().get("previous"))
+
+    def trial(self) -> TrialRecord | None:
+        """The staged slot on trial (loaded, not yet committed), if any."""
+        trial = TrialRecord.from_json(self._read_state().get("trial"))
+        rec = self.record()
+        return None if trial is None or (rec is not None and rec.slot == trial.slot) else trial
+
+    def highest_committed(self, model: str) -> str | None:
+        """The highest version of ``model`` this device ever committed (rollback protection)."""
+        highest = self._read_state().get("highest_committed")
+        value = highest.get(model) if isinstance(highest, dict) else None
+        return value if isinstance(value, str) else None
 
     def slot_dir(self, slot: str) -> Path:
         """The directory of slot ``"a"`` or ``"b"``."""
@@ -128,8 +168,12 @@ class Slots:
         slot = self.inactive()
         state = self._read_state()
         prev = SlotRecord.from_json(state.get("previous"))
-        if prev is not None and prev.slot == slot:
-            state["previous"] = None
+        trial = TrialRecord.from_json(state.get("trial"))
+        if (prev is not None and prev.slot == slot) or (trial is not None and trial.slot == slot):
+            if prev is not None and prev.slot == slot:
+                state["previous"] = None
+            if trial is not None and trial.slot == slot:
+                state["trial"] = None  # a new bundle replaces the one on trial
             self._write_state(state)
         dest = self.bundle(slot)
         part = dest.with_name(BUNDLE_FILE + ".part")
@@ -157,16 +201,96 @@ class Slots:
             from ..bundle import sha256_file
 
             sha256 = sha256_file(self.bundle(slot))
+        return self._commit(slot, manifest.name, manifest.version, sha256)
+
+    def _commit(self, slot: str, model: str, version: str, sha256: str) -> SlotRecord:
         state = self._read_state()
         old = SlotRecord.from_json(state.get("committed"))
-        rec = SlotRecord(slot, manifest.name, manifest.version, sha256, time.time())
-        state = {
+        rec = SlotRecord(slot, model, version, sha256, time.time())
+        highest = dict(state.get("highest_committed") or {})
+        try:
+            from ..bundle import semver_key
+
+            if model not in highest or semver_key(version) > semver_key(highest[model]):
+                highest[model] = version
+        except ValueError:  # an unparsable recorded version: the new, valid one replaces it
+            highest[model] = version
+        self._write_state({
             "format": 1,
             "committed": asdict(rec),
             "previous": asdict(old) if old is not None and old.slot != slot else None,
-        }
-        self._write_state(state)
+            "trial": None,
+            "highest_committed": highest,
+        })
         return rec
+
+    # -- trials -------------------------------------------------------------------------------
+
+    def begin_trial(self, slot_or_path: str | Path, manifest: "Manifest", sha256: str) -> TrialRecord:
+        """Record the staged slot as on trial, counting this load as its first start (written before loading)."""
+        slot = self._slot_name(slot_or_path)
+        rec = self.record()
+        if rec is not None and rec.slot == slot:
+            raise SlotError(f"slot {slot} is the committed slot; it cannot go on trial")
+        trial = TrialRecord(slot, manifest.name, manifest.version, sha256, starts=1, passed=0)
+        self._update(trial=asdict(trial))
+        return trial
+
+    def trial_started(self) -> TrialRecord | None:
+        """Count one more start of the trial slot (persisted before the model is loaded)."""
+        trial = self.trial()
+        if trial is None:
+            return None
+        trial = TrialRecord(**{**asdict(trial), "starts": trial.starts + 1})
+        self._update(trial=asdict(trial))
+        return trial
+
+    def trial_passed(self) -> TrialRecord | None:
+        """Count one successful load (smoke test and golden check passed) of the trial slot."""
+        trial = self.trial()
+        if trial is None:
+            return None
+        trial = TrialRecord(**{**asdict(trial), "passed": trial.passed + 1})
+        self._update(trial=asdict(trial))
+        return trial
+
+    def commit_trial(self) -> SlotRecord | None:
+        """Commit the slot on trial (the committed one becomes the rollback target)."""
+        trial = self.trial()
+        if trial is None:
+            return None
+        return self._commit(trial.slot, trial.model, trial.version, trial.sha256)
+
+    def abandon_trial(self) -> TrialRecord | None:
+        """Forget the trial: the committed slot stays what the device runs."""
+        trial = self.trial()
+        if trial is not None:
+            self._update(trial=None)
+        return trial
+
+    def cleanup(self, *extra_dirs: Path) -> list[Path]:
+        """Remove leftovers (stale ``.part`` files, old bundles, temp files) beside the two slots and in ``extra_dirs``.
+
+        Call only when no stage or state write is in progress (the updater holds its lock).
+        """
+        removed: list[Path] = []
+        keep_root = set(SLOT_NAMES) | {STATE_FILE}
+        candidates = [p for p in self.root.iterdir() if p.name not in keep_root]
+        for name in SLOT_NAMES:
+            candidates += [p for p in self.slot_dir(name).iterdir() if p.name != BUNDLE_FILE]
+        for d in extra_dirs:
+            if Path(d).is_dir():
+                candidates += list(Path(d).iterdir())
+        for p in candidates:
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p)
+            except OSError as exc:
+                log.warning("cannot remove leftover %s: %s", p, exc)
+        return removed
 
     def rollback(self) -> SlotRecord | None:
         """Make the previous slot the committed one again (after the committed one failed to load)."""
@@ -174,7 +298,7 @@ class Slots:
         prev = SlotRecord.from_json(state.get("previous"))
         if prev is None:
             return None
-        self._write_state({"format": 1, "committed": asdict(prev), "previous": None})
+        self._update(committed=asdict(prev), previous=None, trial=None)
         return prev
 
     def _slot_name(self, slot_or_path: str | Path) -> str:
@@ -185,6 +309,12 @@ class Slots:
             if p in (self.root / name, self.root / name / BUNDLE_FILE):
                 return name
         raise SlotError(f"{slot_or_path} is not one of the slots under {self.root}")
+
+    def _update(self, **changes: Any) -> None:
+        state = self._read_state()
+        state.setdefault("format", 1)
+        state.update(changes)
+        self._write_state(state)
 
     def _write_state(self, state: dict[str, Any]) -> None:
         atomic_write(self._state_path, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())

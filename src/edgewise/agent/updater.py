@@ -13,21 +13,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from ..bundle import BundleError, VerifiedBundle, verify_bundle
+from ..bundle import BundleError, VerifiedBundle, semver_key, verify_bundle
 from ..protocol import ArtifactRef, DesiredState, UpdateResult
 from ..security import KeyFileError, TrustedKeys
+from .golden import check_golden
 from .runtime import LoadedModel, ModelLoadError
-from .slots import SlotError, SlotRecord, Slots
+from .slots import SlotError, SlotRecord, Slots, TrialRecord
 
 log = logging.getLogger("edgewise.agent.updater")
 
 CHUNK = 64 * 1024
+DISK_MARGIN = 16 * 2**20
 USER_AGENT = "edgewise-agent"
 
 
@@ -184,8 +187,13 @@ class Updater:
         current: Callable[[], LoadedModel | None],
         fetcher: Fetcher | None = None,
         threads: int | None = None,
+        trial_starts: int = 1,
+        disk_margin: int = DISK_MARGIN,
     ) -> None:
         self.slots = slots
+        self.trial_starts = max(1, int(trial_starts))
+        self.disk_margin = disk_margin
+        self.startup_result: UpdateResult | None = None  # what load_committed did to a trial, for the agent to report
         self.trust_dir = Path(trust_dir)
         self.downloads = Path(downloads)
         self.fetcher = fetcher
@@ -210,8 +218,55 @@ class Updater:
         """Load the committed slot, verifying it again; fall back to the previous slot if that fails.
 
         Returns the model (or None) and a problem description when the committed
-        slot did not load (for an event), or None when all went well.
+        slot did not load (for an event), or None when all went well. A slot on
+        trial is tried first (see :meth:`_resume_trial`); what happened to it is left
+        in :attr:`startup_result`.
         """
+        self.startup_result = None
+        with self._lock:
+            trial = self.slots.trial()
+            if trial is not None:
+                model, self.startup_result = self._resume_trial(trial)
+                if model is not None:
+                    return model, None
+            return self._load_committed()
+
+    def _resume_trial(self, trial: TrialRecord) -> tuple[LoadedModel | None, UpdateResult | None]:
+        """One more agent start for the model on trial: commit it, keep trying it, or roll it back.
+
+        Each start is written down before the model is loaded, so a start that never completes (the
+        agent crashed or lost power while trying the model) still counts. A trial gets ``trial_starts``
+        starts; when they are used up without as many successes, the committed model comes back.
+        """
+        what = f"{trial.model} {trial.version}"
+        if trial.passed < self.trial_starts and trial.starts >= self.trial_starts:
+            self.slots.abandon_trial()
+            reason = (
+                f"{what} crashed during trial: {trial.starts} of {self.trial_starts} start(s) used, "
+                f"{trial.passed} completed; rolled back to the committed model"
+            )
+            log.error("%s", reason)
+            return None, _result(None, trial.model, trial.version, "rolled_back", reason)
+        if trial.passed < self.trial_starts:
+            self.slots.trial_started()  # written before loading: a crash from here on counts against the trial
+        try:
+            model = self._load_slot(trial.as_record(), golden=True)
+        except (BundleError, ModelLoadError, OSError) as exc:
+            self.slots.abandon_trial()
+            reason = f"{what} failed its trial on start and was not committed: {exc}"
+            log.error("%s", reason)
+            return None, _result(None, trial.model, trial.version, "rolled_back", reason)
+        passed = trial if trial.passed >= self.trial_starts else self.slots.trial_passed()
+        assert passed is not None
+        if passed.passed < self.trial_starts:
+            log.info("%s on trial: start %d of %d passed", what, passed.passed, self.trial_starts)
+            return model, None
+        self.slots.commit_trial()
+        self._cleanup()
+        log.info("%s passed its trial on %d start(s); committed", what, passed.passed)
+        return model, _result(None, trial.model, trial.version, "ok", f"committed after passing its trial on {passed.passed} start(s)")
+
+    def _load_committed(self) -> tuple[LoadedModel | None, str | None]:
         rec = self.slots.record()
         if rec is None:
             return None, None
@@ -230,7 +285,7 @@ class Updater:
         self.slots.rollback()
         return model, problem + f"; rolled back to slot {prev.slot} ({prev.model} {prev.version})"
 
-    def _load_slot(self, rec: SlotRecord) -> LoadedModel:
+    def _load_slot(self, rec: SlotRecord, *, golden: bool = False) -> LoadedModel:
         vb = verify_bundle(self.slots.bundle(rec.slot), self.trusted())
         if vb.sha256 != rec.sha256:
             raise ModelLoadError(f"slot {rec.slot} changed since it was committed (sha256 {vb.sha256[:16]}…, recorded {rec.sha256[:16]}…)")
@@ -238,7 +293,63 @@ class Updater:
             raise ModelLoadError(f"slot {rec.slot} holds {vb.manifest.name} {vb.manifest.version}, recorded {rec.model} {rec.version}")
         model = LoadedModel.from_bundle(vb, threads=self.threads)
         model.smoke_test()
+        if golden:
+            check_golden(model, vb)
         return model
+
+    def _cleanup(self) -> None:
+        """After a commit: remove everything but the two slot bundles (stale .part files, old downloads)."""
+        for p in self.slots.cleanup(self.downloads):
+            log.info("removed leftover %s", p)
+
+    def _rollback_refusal(self, name: str | None, version: str | None, allowed: bool) -> str | None:
+        """Why installing ``name`` ``version`` would be a refused downgrade, or None."""
+        if not name or not version:
+            return None
+        highest = self.slots.highest_committed(name)
+        if highest is None:
+            return None
+        try:
+            lower = semver_key(version) < semver_key(highest)
+        except ValueError:
+            return None  # not a semantic version: the manifest check refuses it anyway
+        if not lower:
+            return None
+        if allowed:
+            log.warning("installing %s %s below the highest committed %s: the desired state allows this rollback", name, version, highest)
+            return None
+        return (
+            f"refusing {name} {version}: it is lower than {name} {highest}, the highest version this device has "
+            "committed (rollback protection); deploy it with rollback: true to downgrade on purpose"
+        )
+
+    def _disk_refusal(self, artifact: ArtifactRef, dest: Path, what: str) -> str | None:
+        """Why the artifact would not fit on the disk (download + staged copy + margin), or None."""
+        part = dest.with_name(dest.name + ".part")
+        try:
+            have = part.stat().st_size if part.exists() else 0
+        except OSError:
+            have = 0
+        have = have if have <= artifact.size else 0
+        try:
+            old = self.slots.bundle(self.slots.inactive())
+            reclaim = old.stat().st_size if old.exists() else 0  # staging replaces the inactive slot's bundle
+        except OSError:
+            reclaim = 0
+        download = artifact.size - have
+        staging = max(0, artifact.size - reclaim)
+        needed = download + staging + self.disk_margin
+        root = self.slots.root
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            return None
+        if needed <= free:
+            return None
+        return (
+            f"not enough disk space for {what}: needs {needed:,} bytes (download {download:,} + staged copy {staging:,} "
+            f"+ margin {self.disk_margin:,}), {free:,} bytes free on {root}; free some space"
+        )
 
     # -- updates --------------------------------------------------------------------------------
 
@@ -260,8 +371,14 @@ class Updater:
             return _result(gen, want_model, want_version, "failed", "desired state names no model, version and artifact; nothing to fetch"), False
         if self.fetcher is None:
             return _result(gen, want_model, want_version, "failed", "the agent has no server URL to fetch from; start it with --server"), False
+        refusal = self._rollback_refusal(want_model, want_version, desired.rollback)
+        if refusal:
+            return _result(gen, want_model, want_version, "failed", refusal), False
         dest = self.downloads / f"{desired.artifact.sha256}.ewb"
         self._forget_other_downloads(keep=dest)
+        refusal = self._disk_refusal(desired.artifact, dest, f"{want_model} {want_version}")
+        if refusal:
+            return _result(gen, want_model, want_version, "failed", refusal), True  # space may be freed later
         try:
             path = self.fetcher.fetch(desired.artifact, dest)
         except FetchError as exc:
@@ -269,7 +386,7 @@ class Updater:
         except OSError as exc:
             return _result(gen, want_model, want_version, "failed", f"download failed: cannot write {dest}: {exc.strerror or exc}"), True
         try:
-            return self._install_file(path, expect=(want_model, want_version), generation=gen), False
+            return self._install_file(path, expect=(want_model, want_version), generation=gen, allow_rollback=desired.rollback), False
         finally:
             dest.unlink(missing_ok=True)
 
@@ -281,15 +398,18 @@ class Updater:
             if p.name not in (keep.name, keep.name + ".part"):
                 p.unlink(missing_ok=True)
 
-    def install(self, bundle_path: Path | str, *, generation: int | None = None) -> UpdateResult:
-        """Install a local bundle file through the same verify/stage/commit path (seed a device offline)."""
+    def install(self, bundle_path: Path | str, *, generation: int | None = None, rollback: bool = False) -> UpdateResult:
+        """Install a local bundle file through the same verify/stage/commit path (seed a device offline).
+
+        A version lower than the highest committed one is refused unless ``rollback`` is true.
+        """
         path = Path(bundle_path)
         with self._lock:
             if not path.is_file():
                 return _result(generation, None, None, "failed", f"{path} is not a file")
-            return self._install_file(path, expect=None, generation=generation)
+            return self._install_file(path, expect=None, generation=generation, allow_rollback=rollback)
 
-    def _install_file(self, path: Path, *, expect: tuple[str, str] | None, generation: int | None) -> UpdateResult:
+    def _install_file(self, path: Path, *, expect: tuple[str, str] | None, generation: int | None, allow_rollback: bool = False) -> UpdateResult:
         want_model, want_version = expect or (None, None)
         try:
             vb = verify_bundle(path, self.trusted())
@@ -301,30 +421,66 @@ class Updater:
                 generation, want_model, want_version, "failed",
                 f"bundle holds {name} {version} but the desired state asks for {want_model} {want_version}; refusing",
             )
+        refusal = self._rollback_refusal(name, version, allow_rollback)
+        if refusal:
+            return _result(generation, want_model or name, want_version or version, "failed", refusal)
         current = self._current()
         if current is not None and current.sha256 == vb.sha256:
             return _result(generation, name, version, "ok", "already running")
         try:
             staged = self.slots.bundle(self.slots.stage(vb.path))
         except SlotError as exc:
+            self._restore_committed_if_orphaned()
             return _result(generation, name, version, "failed", str(exc))
         # From here on the new model sits in the inactive slot; any failure abandons it there.
         try:
+            self.slots.begin_trial(staged, vb.manifest, vb.sha256)  # start 1, written before loading
             staged_vb: VerifiedBundle = verify_bundle(staged, self.trusted())
             if staged_vb.sha256 != vb.sha256:
                 raise ModelLoadError("the staged copy differs from the verified file (disk error?)")
             model = LoadedModel.from_bundle(staged_vb, threads=self.threads)
             model.smoke_test()
-        except (BundleError, ModelLoadError, OSError) as exc:
+            golden = check_golden(model, staged_vb)
+        except (BundleError, ModelLoadError, OSError, SlotError) as exc:
             log.error("abandoning %s %s: %s", name, version, exc)
+            self._abandon_trial()
             return _result(generation, name, version, "rolled_back", f"{name} {version} failed its trial and was not committed: {exc}")
+        if golden:
+            log.info("%s %s: %s", name, version, golden)
         try:
-            self.slots.commit(staged, vb.manifest, staged_vb.sha256)
+            trial = self.slots.trial_passed()
+            if trial is not None and trial.passed >= self.trial_starts:
+                self.slots.commit_trial()
+                self._cleanup()
         except OSError as exc:
+            self._abandon_trial()
             return _result(generation, name, version, "rolled_back", f"cannot commit the slot: {exc.strerror or exc}")
         self._activate(model)
         log.info("now running %s %s (signed by key %s)", name, version, vb.key_id)
+        if self.slots.trial() is not None:
+            left = self.trial_starts - 1
+            return _result(generation, name, version, "ok", f"on trial: committed after {left} more successful agent start(s)")
         return _result(generation, name, version, "ok")
+
+    def _abandon_trial(self) -> None:
+        try:
+            self.slots.abandon_trial()
+        except OSError as exc:  # the trial record is rolled back on the next start anyway
+            log.error("cannot clear the trial record: %s", exc)
+        self._restore_committed_if_orphaned()
+
+    def _restore_committed_if_orphaned(self) -> None:
+        """If the live model was a trial whose slot a later update just overwrote, go back to the committed one."""
+        current = self._current()
+        rec = self.slots.record()
+        trial = self.slots.trial()
+        if current is None or rec is None or current.sha256 in (rec.sha256, trial.sha256 if trial else None):
+            return
+        model, problem = self._load_committed()
+        if model is not None:
+            self._activate(model)
+        if problem:
+            log.error("%s", problem)
 
 
 def _result(generation: int | None, model: str | None, version: str | None, kind: str, reason: str | None = None) -> UpdateResult:

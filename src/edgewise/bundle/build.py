@@ -15,12 +15,14 @@ from ..security.keys import Signer
 from . import format as fmt
 from .errors import BundleError
 from .manifest import (
+    GOLDEN_MEMBER,
     MANIFEST_MEMBER,
     MODEL_MEMBER,
     ORT_TYPES,
     Manifest,
     Member,
     ModelInfo,
+    Golden,
     Requirements,
     RuntimeSettings,
     TensorSpec,
@@ -62,6 +64,74 @@ def describe_model(model_bytes: bytes) -> ModelInfo:
     )
 
 
+GoldenSpec = tuple  # (inputs: dict[str, ndarray], tolerance: float | None = None, latency_budget_ms: float | None = None)
+
+
+def pack_npz(arrays: Mapping[str, Any]) -> bytes:
+    """An ``.npz`` (what ``numpy.load`` reads) with fixed timestamps, so the same arrays give the same bytes."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key in sorted(arrays):
+            with zf.open(fmt.zipinfo(key + ".npy"), "w") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+    return buf.getvalue()
+
+
+def golden_outputs(model_bytes: bytes, info: ModelInfo, inputs: Mapping[str, Any], preprocessing: PreprocessingSpec | None) -> dict[str, Any]:
+    """Run the model on each golden sample (axis 0; one at a time as a batch of one, the bundle's
+    preprocessing applied to the first input as the agent does) and stack the outputs per sample."""
+    import numpy as np
+    import onnxruntime as ort
+
+    names = [i.name for i in info.inputs]
+    if set(inputs) != set(names):
+        raise BundleError(f"golden inputs {sorted(inputs)} differ from the model's inputs {names}")
+    counts = set()
+    for spec in info.inputs:
+        x = inputs[spec.name]
+        if not isinstance(x, np.ndarray) or x.ndim == 0:
+            raise BundleError(f"golden input {spec.name!r}: expected an ndarray with samples along axis 0")
+        if spec.dtype not in ("str", "string", "object") and x.dtype != np.dtype(spec.dtype):
+            raise BundleError(f"golden input {spec.name!r}: dtype {x.dtype}, the model takes {spec.dtype}; convert with .astype({spec.dtype!r})")
+        counts.add(len(x))
+    if len(counts) != 1 or 0 in counts:
+        raise BundleError(f"golden inputs need the same, non-zero number of samples along axis 0 (got {sorted(counts)})")
+    n = counts.pop()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    per_sample: dict[str, list[Any]] = {o: [] for o in out_names}
+    for i in range(n):
+        feed = {}
+        for j, name in enumerate(names):
+            x = inputs[name][i : i + 1]
+            if j == 0 and preprocessing:
+                x = preprocessing.apply(x)
+            feed[name] = x
+        try:
+            outs = sess.run(out_names, feed)
+        except Exception as exc:
+            raise BundleError(f"the model fails on golden sample {i}: {exc}") from None
+        for name, value in zip(out_names, outs):
+            per_sample[name].append(value)
+    expected = {}
+    for name, values in per_sample.items():
+        if not all(isinstance(v, np.ndarray) and v.dtype.kind in "biuf" for v in values):
+            continue  # non-tensor or string outputs are not compared
+        try:
+            expected[name] = np.stack(values)
+        except ValueError:
+            raise BundleError(f"output {name!r} changes shape between golden samples; it cannot be checked") from None
+    if not expected:
+        raise BundleError("the model has no numeric tensor output to check golden inputs against")
+    return {**{f"inputs/{k}": v for k, v in inputs.items()}, **{f"outputs/{k}": v for k, v in expected.items()}}
+
+
 def estimate_min_ram_mb(model_size: int) -> int:
     """Weights held twice while the session initializes, plus the runtime's own ~40 MB."""
     return int(2 * model_size / 2**20) + 40
@@ -83,8 +153,15 @@ def build_bundle(
     created_at: datetime | None = None,
     runtime: RuntimeSettings | Mapping[str, Any] | None = None,
     variant: Variant | Mapping[str, Any] | None = None,
+    golden: GoldenSpec | None = None,
 ) -> Manifest:
-    """Write a signed ``.ewb`` to ``out`` atomically and return its manifest."""
+    """Write a signed ``.ewb`` to ``out`` atomically and return its manifest.
+
+    ``golden=(inputs, tolerance=None, latency_budget_ms=None)``: ``inputs`` maps every model input
+    to an array with samples along axis 0 (raw inputs: the bundle's preprocessing is applied as on the
+    device). The model is run on them now and inputs plus outputs go into ``golden.npz``; the agent
+    checks a new model against them before committing it (``tolerance`` is the absolute tolerance).
+    """
     model_bytes = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
     members: dict[str, bytes] = {MODEL_MEMBER: model_bytes, **dict(extra_members or {})}
     if MANIFEST_MEMBER in members:
@@ -92,6 +169,20 @@ def build_bundle(
     info = describe_model(model_bytes)
     if isinstance(preprocessing, Mapping):
         preprocessing = PreprocessingSpec.model_validate(preprocessing)
+    golden_info: Golden | None = None
+    if golden is not None:
+        g_inputs, g_tol, g_budget = (tuple(golden) + (None, None))[:3]
+        if GOLDEN_MEMBER in members:
+            raise BundleError(f"{GOLDEN_MEMBER} is reserved when golden inputs are given")
+        arrays = golden_outputs(model_bytes, info, g_inputs, preprocessing)
+        members[GOLDEN_MEMBER] = pack_npz(arrays)
+        try:
+            golden_info = Golden(
+                samples=len(next(iter(g_inputs.values()))), latency_budget_ms=g_budget,
+                **({"atol": float(g_tol)} if g_tol is not None else {}),
+            )
+        except ValueError as exc:
+            raise BundleError(f"invalid golden settings: {exc}") from None
     fields: dict[str, Any] = dict(
         name=name,
         version=version,
@@ -107,6 +198,7 @@ def build_bundle(
         metadata=dict(metadata or {}),
         runtime=RuntimeSettings.model_validate(runtime) if isinstance(runtime, Mapping) else runtime,
         variant=Variant.model_validate(variant) if isinstance(variant, Mapping) else variant,
+        golden=golden_info,
     )
     if created_at is not None:
         fields["created_at"] = created_at

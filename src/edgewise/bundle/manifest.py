@@ -124,6 +124,26 @@ class Variant(BaseModel):
     figures: dict[str, Any] = Field(default_factory=dict, description="size, latency, accuracy, drop, peak memory.")
 
 
+GOLDEN_MEMBER = "golden.npz"
+
+
+class Golden(BaseModel):
+    """Golden inputs and the outputs the model gave on them at build time (member ``golden.npz``).
+
+    The agent runs them through its own inference path before it commits a new model:
+    outputs must match within ``atol`` + ``rtol`` × |expected|, and the median per-sample
+    latency must stay within ``latency_budget_ms`` when set.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    member: str = GOLDEN_MEMBER
+    samples: int = Field(ge=1, default=1)
+    atol: float = Field(ge=0, default=1e-4)
+    rtol: float = Field(ge=0, default=1e-3)
+    latency_budget_ms: float | None = Field(default=None, gt=0)
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -139,6 +159,7 @@ class Manifest(BaseModel):
     members: dict[str, Member]
     runtime: RuntimeSettings | None = None
     variant: Variant | None = None
+    golden: Golden | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("format")

@@ -28,6 +28,13 @@ def create(
         "links the variant to its model version with its profile figures and tuned runtime settings.",
     ),
     variant: str | None = typer.Option(None, "--variant", help="Variant name [default: the optimize candidate's name]."),
+    golden: Path | None = typer.Option(
+        None, "--golden", exists=True, dir_okay=False,
+        help="NPZ of golden inputs (one array per model input, samples along axis 0, before preprocessing): "
+        "the model is run on them now and the agent checks a new model against the outputs before committing it.",
+    ),
+    golden_atol: float | None = typer.Option(None, "--golden-atol", help="Absolute tolerance of the golden check [default: 1e-4]."),
+    golden_latency_ms: float | None = typer.Option(None, "--golden-latency-ms", help="Median latency budget per golden sample, ms."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Write one signed file holding the model, its manifest and preprocessing."""
@@ -48,10 +55,18 @@ def create(
         out = out or Path(f"{name}-{version}{suffix}.ewb")
         spec = json.loads(preprocessing.read_text()) if preprocessing else None
         label_list = [line.strip() for line in labels.read_text().splitlines() if line.strip()] if labels else None
+        golden_spec = None
+        if golden is not None:
+            import numpy as np
+
+            with np.load(golden, allow_pickle=False) as npz:
+                golden_spec = ({k: npz[k] for k in npz.files}, golden_atol, golden_latency_ms)
+        elif golden_atol is not None or golden_latency_ms is not None:
+            raise ValueError("--golden-atol and --golden-latency-ms need --golden FILE.npz")
         manifest = build_bundle(
             model, name=name, version=version, signer=signer, out=out, labels=label_list,
             preprocessing=spec, description=description, min_ram_mb=min_ram_mb,
-            variant=variant_info, runtime=runtime,
+            variant=variant_info, runtime=runtime, golden=golden_spec,
         )
     except (BundleError, KeyFileError, ValueError, OSError) as exc:
         fail(str(exc))

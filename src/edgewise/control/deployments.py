@@ -44,6 +44,7 @@ def desired_state(device: Device) -> DesiredState | None:
         model=device.desired_model,
         version=device.desired_version,
         artifact=ArtifactRef.model_validate(device.desired_artifact) if device.desired_artifact else None,
+        rollback=bool(device.desired_rollback),
         issued_at=device.desired_issued_at or 0.0,
     )
 
@@ -79,10 +80,14 @@ def deploy(
     *,
     device_id: str | None = None,
     tag: str | None = None,
+    rollback: bool = False,
 ) -> DeploymentResult:
     """Set ``model`` ``version`` as the desired state of one device or of every device
     carrying ``tag`` now, bump each device's generation, record the deployment, commit,
-    then publish each new desired state retained on ``edgewise/devices/{id}/desired``."""
+    then publish each new desired state retained on ``edgewise/devices/{id}/desired``.
+
+    Agents refuse a version lower than the highest they have committed unless ``rollback``
+    is true (a deliberate downgrade); the flag travels in the desired state."""
     if (device_id is None) == (tag is None):
         raise InvalidRequestError("give exactly one target: device_id or tag")
     mv = Registry.get(session, model, version)
@@ -107,6 +112,7 @@ def deploy(
         device.desired_version = mv.version
         device.desired_artifact = artifact.model_dump(mode="json")
         device.desired_issued_at = issued_at
+        device.desired_rollback = rollback
     session.flush()
     for device in targets:
         session.refresh(device)
@@ -128,7 +134,7 @@ def deploy(
         states.append(state)
         if publisher is not None and not publish_desired(publisher, device):
             log.warning("desired state for %s recorded but not yet published; it goes out when the bus reconnects", device.id)
-    log.info("deployed %s %s to %s %s (%d devices)", mv.name, mv.version, kind, value, len(targets))
+    log.info("deployed %s %s to %s %s (%d devices)%s", mv.name, mv.version, kind, value, len(targets), " as a rollback" if rollback else "")
     return DeploymentResult(record, states)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .timeutil import UTCDateTime, utcnow
@@ -42,6 +42,7 @@ class Device(Base):
     desired_generation: Mapped[int] = mapped_column(Integer, default=0)
     desired_artifact: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     desired_issued_at: Mapped[float | None] = mapped_column(Float, default=None)
+    desired_rollback: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_update: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     api_url: Mapped[str | None] = mapped_column(String(512), default=None)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

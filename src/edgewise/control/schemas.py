@@ -63,6 +63,7 @@ class DesiredOut(BaseModel):
     version: str | None
     generation: int
     artifact: ArtifactOut | None
+    rollback: bool = Field(default=False, description="The device may install this version below the highest it committed.")
     issued_at: float
 
 
@@ -95,6 +96,7 @@ class DeviceOut(BaseModel):
                 version=ds.version,
                 generation=ds.generation,
                 artifact=ArtifactOut(**ds.artifact.model_dump()) if ds.artifact else None,
+                rollback=ds.rollback,
                 issued_at=ds.issued_at,
             )
             if ds
@@ -185,6 +187,10 @@ class DeploymentCreate(BaseModel):
     version: str
     device_id: str | None = Field(default=None, description="Target one device...")
     tag: str | None = Field(default=None, description="...or every device that has this tag now.")
+    rollback: bool = Field(
+        default=False,
+        description="Deliberate downgrade: devices install this version even if it is lower than the highest they committed.",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> "DeploymentCreate":

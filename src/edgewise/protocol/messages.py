@@ -46,6 +46,9 @@ class DesiredState(_Message):
     version: str | None = None
     artifact: ArtifactRef | None = None
     config: dict[str, Any] = Field(default_factory=dict)
+    rollback: bool = Field(
+        default=False, description="Allow a version lower than the highest the device has committed (an operator's deliberate rollback).",
+    )
     issued_at: float = 0.0
 
 

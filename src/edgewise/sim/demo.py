@@ -119,7 +119,7 @@ def run_demo(
         for version, model in models.items():
             paths[version] = root / "bundles" / f"digits-{version}.ewb"
             build_bundle(model, name="digits", version=version, signer=signer, out=paths[version],
-                         labels=LABELS, preprocessing=PREPROCESSING)
+                         labels=LABELS, preprocessing=PREPROCESSING, golden=({"x": data.x_test[:16]},))
 
         progress("starting the control plane (embedded MQTT broker, SQLite)")
         settings = ServerSettings(

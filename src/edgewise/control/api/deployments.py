@@ -27,7 +27,7 @@ def create_deployment(
 
     A tag targets the devices that carry it now; devices tagged later are not included.
     """
-    result = dep.deploy(session, publisher, body.model, body.version, device_id=body.device_id, tag=body.tag)
+    result = dep.deploy(session, publisher, body.model, body.version, device_id=body.device_id, tag=body.tag, rollback=body.rollback)
     return DeploymentOut.of(result.deployment, {s.device_id: s.generation for s in result.states})
 
 
