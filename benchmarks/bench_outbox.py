@@ -8,6 +8,9 @@
   batch only after its PUBACK. "Catch-up" is the time from the ``connect()`` call (link restored) to an
   empty outbox. A subscriber receives everything and every record is decoded and counted afterwards.
 - bytes on the wire per telemetry event: the Batch encoding vs one JSON message per event.
+- bytes on the wire per inference event by bandwidth mode: 10,000 predictions over 10 telemetry
+  intervals, each interval flushed as its own Batch (as a connected agent does), against the naive
+  baseline of one JSON message per prediction. The issue's target: ``summary`` <= 1/20 of the baseline.
 """
 
 from __future__ import annotations
@@ -185,10 +188,57 @@ def _json_baseline() -> dict:
     }
 
 
+MODE_PREDICTIONS = 10_000
+MODE_INTERVALS = 10
+
+
+def _bandwidth_modes() -> dict:
+    """Bytes per inference event in each bandwidth mode (payload + MQTT framing + PUBACK)."""
+    import msgpack
+    import numpy as np
+
+    from edgewise.agent.monitor import Monitor
+    from edgewise.agent.outbox import batch_payload
+    from edgewise.protocol import Summary, Telemetry, topics
+
+    topic = topics.telemetry(DEVICE)
+    frame = 5 + 2 + len(topic) + 2 + 4
+    rng = np.random.default_rng(0)
+    per = MODE_PREDICTIONS // MODE_INTERVALS
+    t0 = 1_790_000_000.0
+    wire = {"full": 0, "summary": 0, "alerts-only": 0}
+    baseline = 0
+    mon_full, mon_sum = Monitor(), Monitor()
+    seq = 0
+    for k in range(MODE_INTERVALS):
+        for i in range(per):
+            lat = int(rng.uniform(0.8e6, 3e6))
+            probs = rng.dirichlet(np.full(10, 0.3))[None, :].astype(np.float32)
+            mon_full.record(lat)
+            mon_sum.record(lat)
+            mon_sum.record_predictions(probs.argmax(axis=1), probs.max(axis=1))
+            ev = {"device_id": DEVICE, "seq": seq, "ts": t0 + k * 10 + i * 0.01, "model": "digits", "version": "1.1.0",
+                  "label": int(probs.argmax()), "confidence": round(float(probs.max()), 4), "latency_ms": round(lat / 1e6, 3)}
+            baseline += len(json.dumps(ev, separators=(",", ":"))) + frame
+            seq += 1
+        ts = t0 + (k + 1) * 10
+        tel = Telemetry(device_id=DEVICE, seq=seq + k, ts=ts, model="digits", version="1.1.0", **mon_full.sample())
+        summ = Summary(device_id=DEVICE, seq=seq + k, ts=ts, model="digits", version="1.1.0", **mon_sum.summary_sample())
+        for mode, rec in (("full", tel), ("summary", summ)):
+            item = msgpack.packb(rec.model_dump(mode="json"), use_bin_type=True)
+            wire[mode] += len(batch_payload(DEVICE, [item])) + frame
+        # alerts-only: no periodic record at all (only warning+ events, none in this run)
+    out = {f"mode_{m.replace('-', '_')}_bytes_per_event": round(b / MODE_PREDICTIONS, 3) for m, b in wire.items()}
+    out["mode_baseline_json_bytes_per_event"] = round(baseline / MODE_PREDICTIONS, 1)
+    out["mode_summary_fraction_of_baseline"] = round(wire["summary"] / baseline, 5)
+    out["mode_summary_target_met"] = wire["summary"] * 20 <= baseline
+    return out
+
+
 def run() -> dict:
     root = tempdir("ew-bench-outbox-")
     try:
-        res = {**_enqueue_rates(root), **_drain(root), **_json_baseline()}
+        res = {**_enqueue_rates(root), **_drain(root), **_json_baseline(), **_bandwidth_modes()}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     res["wire_ratio_vs_json"] = round(res["json_wire_bytes_per_event"] / res["batch_wire_bytes_per_event"], 1)
@@ -225,6 +275,18 @@ Bytes on the wire per telemetry event (payload + MQTT PUBLISH framing + PUBACK):
 | naive baseline: one JSON message per event | {r['json_wire_bytes_per_event']} (payload {r['json_payload_bytes_per_event']}) |
 
 The batch encoding is {r['wire_ratio_vs_json']}× smaller than one JSON message per event.
+
+Bytes on the wire per inference event by bandwidth mode ({MODE_PREDICTIONS:,} predictions over {MODE_INTERVALS}
+telemetry intervals, one Batch per interval, framing included):
+
+| mode | bytes/event |
+|---|---:|
+| `full` (one Telemetry sample per interval) | {r['mode_full_bytes_per_event']} |
+| `summary` (one Summary per interval: percentiles, class and confidence histograms) | {r['mode_summary_bytes_per_event']} |
+| `alerts-only` (no periodic telemetry) | {r['mode_alerts_only_bytes_per_event']} |
+| naive baseline: one JSON message per prediction | {r['mode_baseline_json_bytes_per_event']} |
+
+`summary` is {r['mode_summary_fraction_of_baseline']} of the baseline (target ≤ 1/20: {ok(r['mode_summary_target_met'])}).
 """
 
 

@@ -222,7 +222,7 @@ def test_health_reports_database_and_broker(client):
 def test_stats_start_at_zero(client):
     s = client.get("/api/v1/stats").json()
     assert s["ingest"]["telemetry_rows"] == 0 and s["ingest"]["duplicates"] == 0 and s["ingest"]["bad"] == 0
-    assert s["devices"] == 0 and s["stored"] == {"telemetry": 0, "events": 0}
+    assert s["devices"] == 0 and s["stored"] == {"telemetry": 0, "events": 0, "summaries": 0}
 
 
 def test_dashboard_page_is_served_with_the_fleet_table_and_its_script(client):

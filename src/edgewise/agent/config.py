@@ -15,7 +15,7 @@ import secrets
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -60,6 +60,11 @@ class AgentConfig(BaseModel):
         description="Agent starts a new model must load on (smoke test + golden check) before it is committed; 1 = commit after the install's trial.",
     )
     disk_margin_bytes: int = Field(default=16 * 2**20, ge=0, description="Free space kept beyond what an update needs.")
+    bandwidth_mode: Literal["full", "summary", "alerts-only"] = Field(
+        default="full",
+        description="full: periodic Telemetry samples; summary: one Summary aggregate per interval; "
+        "alerts-only: no periodic telemetry, only warning+ events and state changes.",
+    )
 
     @field_validator("device_id")
     @classmethod

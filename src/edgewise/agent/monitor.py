@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 LATENCY_WINDOW = 2048  # last N calls kept for p50/p95; a power of two so the index is a mask
+N_CONF_BINS = 10  # confidence histogram bins of width 0.1 on [0, 1] (protocol.CONFIDENCE_BINS)
 
 
 class Monitor:
@@ -41,6 +42,14 @@ class Monitor:
         self.updates: dict[str, int] = {"ok": 0, "failed": 0, "rolled_back": 0}
         self._window_start = self.started
         self._window_base = 0
+        # Summary mode: per-interval class and confidence counts (reset by summary_sample()).
+        self._classes: dict[int, int] = {}
+        self._conf_hist = [0] * N_CONF_BINS
+        self._predictions = 0
+        self._sum_start = self.started
+        self._sum_base = 0
+        self._sum_err_base = 0
+        self.bytes_sent: dict[str, int] = {}
         self._process: Any = None
         self._registry: "CollectorRegistry | None" = None
         # The agent plugs in a function returning what only it knows (model, connection, outbox).
@@ -56,9 +65,23 @@ class Monitor:
             self._lat_sum_ns += latency_ns
             self.inferences = n + 1
 
+    def record_predictions(self, top1: np.ndarray, confidence: np.ndarray) -> None:
+        """Count the predicted top-1 classes and their confidences (summary mode only)."""
+        bins = np.minimum((np.clip(confidence, 0.0, 1.0) * N_CONF_BINS).astype(np.int64), N_CONF_BINS - 1)
+        with self._lock:
+            for c, b in zip(top1.tolist(), bins.tolist()):
+                self._classes[c] = self._classes.get(c, 0) + 1
+                self._conf_hist[b] += 1
+            self._predictions += len(bins)
+
     def count_error(self) -> None:
         with self._lock:
             self.errors += 1
+
+    def count_bytes(self, mode: str, n: int) -> None:
+        """Bytes this agent published (payloads), by bandwidth mode."""
+        with self._lock:
+            self.bytes_sent[mode] = self.bytes_sent.get(mode, 0) + n
 
     # -- rarer events ---------------------------------------------------------------------------
 
@@ -81,6 +104,39 @@ class Monitor:
             return None, None
         p50, p95 = np.percentile(np.asarray(window, dtype=np.float64), (50, 95)) / 1e6
         return float(p50), float(p95)
+
+    def summary_sample(self) -> dict[str, Any]:
+        """Summary fields for the interval since the previous call; the interval restarts here.
+
+        Latency percentiles are over the calls of this interval that are still in the
+        latency ring (the last ``LATENCY_WINDOW`` calls).
+        """
+        now = time.monotonic()
+        with self._lock:
+            n, errors = self.inferences, self.errors
+            window_n = n - self._sum_base
+            k = min(window_n, len(self._lat_ns))
+            lat = [self._lat_ns[(n - 1 - i) & self._mask] for i in range(k)]
+            classes, self._classes = self._classes, {}
+            hist, self._conf_hist = self._conf_hist, [0] * N_CONF_BINS
+            predictions, self._predictions = self._predictions, 0
+            window_s, self._sum_start = now - self._sum_start, now
+            err_n = errors - self._sum_err_base
+            self._sum_base, self._sum_err_base = n, errors
+        p50 = p95 = p99 = None
+        if lat:
+            p50, p95, p99 = (float(v) for v in np.percentile(np.asarray(lat, dtype=np.float64), (50, 95, 99)) / 1e6)
+        return {
+            "window_s": round(window_s, 3),
+            "inferences": window_n,
+            "errors": err_n,
+            "predictions": predictions,
+            "latency_p50_ms": p50,
+            "latency_p95_ms": p95,
+            "latency_p99_ms": p99,
+            "classes": {str(c): v for c, v in sorted(classes.items())},
+            "confidence_hist": hist,
+        }
 
     def uptime_s(self) -> float:
         return time.monotonic() - self.started
@@ -162,6 +218,7 @@ class _Collector:
         with m._lock:
             inferences, errors, bad, lat_sum = m.inferences, m.errors, m.bad_messages, m._lat_sum_ns
             updates = dict(m.updates)
+            bytes_sent = dict(m.bytes_sent)
         yield CounterMetricFamily("edgewise_agent_inferences", "Predictions served.", value=inferences)
         yield CounterMetricFamily("edgewise_agent_errors", "Predictions that failed (bad input or runtime error).", value=errors)
         yield CounterMetricFamily("edgewise_agent_bad_messages", "MQTT messages refused as not following the protocol.", value=bad)
@@ -169,6 +226,10 @@ class _Collector:
         for result, n in sorted(updates.items()):
             upd.add_metric([result], n)
         yield upd
+        sent = CounterMetricFamily("edgewise_agent_bytes_sent", "Payload bytes published, by bandwidth mode.", labels=["mode"])
+        for mode, n in sorted(bytes_sent.items()):
+            sent.add_metric([mode], n)
+        yield sent
         lat = SummaryMetricFamily(
             "edgewise_agent_latency_seconds", "Model latency (quantiles over the last calls).",
             count_value=inferences, sum_value=lat_sum / 1e9,

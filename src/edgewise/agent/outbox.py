@@ -52,7 +52,7 @@ from typing import Callable, Iterable, Sequence
 import msgpack
 import zstandard
 
-from ..protocol import Event, Telemetry, topics
+from ..protocol import Event, Summary, Telemetry, topics
 from ..protocol.codec import COMPRESS_ABOVE, MAX_PAYLOAD
 from ..protocol.messages import SCHEMA_VERSION
 
@@ -99,13 +99,13 @@ class OutboxRecord:
 
     id: int
     seq: int
-    kind: str  # "telemetry" | "event"
+    kind: str  # "telemetry" (Telemetry and Summary: the telemetry channel) | "event"
     priority: int
     created: float
     payload: bytes
 
 
-def priority_of(record: Telemetry | Event) -> int:
+def priority_of(record: Telemetry | Summary | Event) -> int:
     """Alerts (error/critical events) > other events > telemetry."""
     if isinstance(record, Event):
         return PRIORITY_ALERT if record.severity in ("error", "critical") else PRIORITY_EVENT
@@ -233,7 +233,7 @@ class Outbox:
 
     # -- queue ----------------------------------------------------------------------------------
 
-    def enqueue(self, record: Telemetry | Event) -> int:
+    def enqueue(self, record: Telemetry | Summary | Event) -> int:
         """Store ``record`` with the next sequence number (whatever ``seq`` it carries is replaced); return it.
 
         If the store is full, older lower-priority records are dropped to make
@@ -242,7 +242,7 @@ class Outbox:
         """
         return self.enqueue_many((record,))[0]
 
-    def enqueue_many(self, records: Sequence[Telemetry | Event]) -> list[int]:
+    def enqueue_many(self, records: Sequence[Telemetry | Summary | Event]) -> list[int]:
         """Store several records in one transaction (one fsync at most); return their sequence numbers.
 
         All or nothing on a crash: either every record of the call is stored or none is.
@@ -508,7 +508,7 @@ def _well_formed(payload: bytes, kind: str) -> bool:
         obj = msgpack.unpackb(payload, raw=False)
     except Exception:
         return False
-    return isinstance(obj, dict) and obj.get("type") == kind
+    return isinstance(obj, dict) and (obj.get("type") == kind or (kind == "telemetry" and obj.get("type") == "summary"))
 
 
 def drain_once(

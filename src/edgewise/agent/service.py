@@ -4,7 +4,9 @@ Threads (all daemons, all stopped by ``stop()``):
 
 - **link supervisor** (``Link``): the MQTT session, reconnecting with backoff;
 - **reconcile**: converges the running model to the latest desired state;
-- **telemetry**: every ``telemetry_interval_s`` puts a sample into the outbox;
+- **telemetry**: every ``telemetry_interval_s`` calls ``telemetry_tick()``, which puts a
+  Telemetry sample (``bandwidth_mode = "full"``), a Summary (``"summary"``) or nothing
+  (``"alerts-only"``) into the outbox;
 - **flusher**: while connected, drains the outbox in ``Batch`` messages and
   acknowledges records only after the broker's PUBACK;
 - **api**: the local HTTP server (one more daemon thread per connection).
@@ -27,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .. import __version__
-from ..protocol import DesiredState, DeviceState, Event, HardwareInfo, Telemetry, UpdateResult, encode, topics
+from ..protocol import DesiredState, DeviceState, Event, HardwareInfo, Summary, Telemetry, UpdateResult, encode, topics
 from .api import LocalApi
 from .config import AgentConfig
 from ..fsutil import atomic_write
@@ -44,6 +46,21 @@ PUBLISH_TIMEOUT_S = 10.0
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
 BAD_MESSAGE_EVENT_EVERY_S = 1.0  # a flood of garbage must not flood the outbox with events
+QUIET_SEVERITIES = ("debug", "info")  # events alerts-only mode does not send (update results always go)
+
+
+def class_output(out: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The classifier's per-class output in a prediction: the first 2-D float output whose name
+    contains "prob" or "score" (case-insensitive), else the first 2-D float output, else None."""
+    fallback = None
+    for name, arr in out.items():
+        if getattr(arr, "ndim", 0) == 2 and arr.dtype.kind == "f" and arr.shape[1] > 0:
+            low = name.lower()
+            if "prob" in low or "score" in low:
+                return arr
+            if fallback is None:
+                fallback = arr
+    return fallback
 
 
 class AgentError(RuntimeError):
@@ -76,6 +93,8 @@ class Agent:
             raise
         self.monitor = Monitor()
         self.monitor.status = self._metrics_status
+        self.bandwidth_mode: str = config.bandwidth_mode
+        self._summarize = config.bandwidth_mode == "summary"
         self._model: LoadedModel | None = None
         self.updater = Updater(
             self.slots,
@@ -156,6 +175,8 @@ class Agent:
             self.monitor.count_error()
             raise
         self.monitor.record(time.perf_counter_ns() - t0)
+        if self._summarize:
+            self._observe(out)
         return out
 
     def predict_on(self, model: LoadedModel, inputs: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -167,7 +188,18 @@ class Agent:
             self.monitor.count_error()
             raise
         self.monitor.record(time.perf_counter_ns() - t0)
+        if self._summarize:
+            self._observe(out)
         return out
+
+    def _observe(self, out: Mapping[str, np.ndarray]) -> None:
+        """Summary mode: count the top-1 class and confidence of each row of the classifier output."""
+        try:
+            scores = class_output(out)
+            if scores is not None:
+                self.monitor.record_predictions(scores.argmax(axis=1), scores.max(axis=1))
+        except Exception:  # statistics must never fail a prediction
+            log.debug("cannot read the class output of a prediction", exc_info=True)
 
     def _activate(self, model: LoadedModel) -> None:
         self._model = model  # one reference rebind: requests in flight keep the old one
@@ -341,11 +373,14 @@ class Agent:
         if link is None or not link.connected:
             return False  # the next connect publishes the state anyway
         state = self.device_state()
-        ok = link.publish(topics.state(self.device_id), encode(state), retain=True, timeout=PUBLISH_TIMEOUT_S)
+        payload = encode(state)
+        ok = link.publish(topics.state(self.device_id), payload, retain=True, timeout=PUBLISH_TIMEOUT_S)
+        if ok:
+            self.monitor.count_bytes(self.bandwidth_mode, len(payload))
         log.debug("state %s (generation %s) %s", state.status, state.generation, "published" if ok else "NOT acknowledged")
         return ok
 
-    def _emit(self, record: Telemetry | Event) -> int | None:
+    def _emit(self, record: Telemetry | Summary | Event) -> int | None:
         try:
             seq = self.outbox.enqueue(record)
         except Exception as exc:  # a full disk must not stop predictions
@@ -355,6 +390,8 @@ class Agent:
         return seq
 
     def _emit_event(self, kind: str, message: str, *, severity: str = "info", detail: dict[str, Any] | None = None) -> int | None:
+        if self.bandwidth_mode == "alerts-only" and severity in QUIET_SEVERITIES and kind != "update":
+            return None  # alerts-only: warning+ and state changes (update results) only
         return self._emit(
             Event(
                 device_id=self.device_id, seq=0, ts=time.time(), mono=time.monotonic(),
@@ -372,6 +409,26 @@ class Agent:
             outbox_pending=self.outbox.pending(), dropped=sum(dropped.values()),
             **self.monitor.sample(),
         )
+
+    def summary_sample(self) -> Summary:
+        """One Summary record for the interval since the previous one (seq is assigned when it is enqueued)."""
+        m = self._model
+        return Summary(
+            device_id=self.device_id, seq=0, ts=time.time(), mono=time.monotonic(),
+            model=m.name if m else None, version=m.version if m else None,
+            **self.monitor.summary_sample(),
+        )
+
+    def telemetry_tick(self) -> Telemetry | Summary | None:
+        """What the telemetry thread does every interval, by bandwidth mode; returns the record stored (if any)."""
+        if self.bandwidth_mode == "full":
+            record: Telemetry | Summary = self.telemetry_sample()
+        elif self.bandwidth_mode == "summary":
+            record = self.summary_sample()
+        else:
+            return None  # alerts-only: no periodic telemetry
+        self._emit(record)
+        return record
 
     def health(self) -> dict[str, Any]:
         """What ``GET /v1/health`` returns."""
@@ -391,6 +448,8 @@ class Agent:
             "generation": self._converged_generation,
             "last_update": self._last_update.model_dump(mode="json") if self._last_update else None,
             "uptime_s": round(mon.uptime_s(), 3),
+            "bandwidth_mode": self.bandwidth_mode,
+            "bytes_sent": dict(mon.bytes_sent),
         }
 
     def _metrics_status(self) -> dict[str, Any]:
@@ -431,7 +490,7 @@ class Agent:
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.config.telemetry_interval_s):
-            self._emit(self.telemetry_sample())
+            self.telemetry_tick()
 
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
@@ -447,11 +506,15 @@ class Agent:
         link = self._link
         if link is None or not link.connected:
             return 0
-        return drain_once(
-            self.outbox, self.device_id,
-            lambda topic, payload: link.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S),
-            max_records=BATCH_RECORDS,
-        )
+        mode = self.bandwidth_mode
+
+        def publish(topic: str, payload: bytes) -> bool:
+            ok = link.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+            if ok:
+                self.monitor.count_bytes(mode, len(payload))
+            return ok
+
+        return drain_once(self.outbox, self.device_id, publish, max_records=BATCH_RECORDS)
 
     def _reconcile_loop(self) -> None:
         from .link import backoff  # this thread only runs with a broker, so paho is loaded already

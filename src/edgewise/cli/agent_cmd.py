@@ -19,6 +19,7 @@ def agent(
     api_port: int | None = typer.Option(None, "--api-port", help="Local API port on 127.0.0.1 (0 = any free port)."),
     telemetry_interval: float | None = typer.Option(None, "--telemetry-interval", help="Seconds between telemetry samples."),
     threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
+    bandwidth: str | None = typer.Option(None, "--bandwidth", help="Telemetry bandwidth mode: full, summary or alerts-only [default: full]."),
     tag: list[str] = typer.Option([], "--tag", help="Device tag (repeatable), applied when the device first registers."),
     trust: list[Path] = typer.Option([], "--trust", help="Public key to trust for bundles (copied into STATE/trust)."),
     install: Path | None = typer.Option(None, "--install", help="Install this local bundle first (seed a device offline)."),
@@ -34,6 +35,7 @@ def agent(
         for k, v in dict(
             device_id=device_id, server_url=server, broker_url=broker, api_port=api_port,
             telemetry_interval_s=telemetry_interval, threads=threads, tags=tag or None,
+            bandwidth_mode=bandwidth,
         ).items()
         if v is not None
     }

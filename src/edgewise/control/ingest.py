@@ -19,17 +19,18 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from ..protocol import Batch, DeviceState, Event, ProtocolError, Telemetry, decode_for_topic, topics
+from ..protocol import Batch, DeviceState, Event, ProtocolError, Summary, Telemetry, decode_for_topic, topics
 from .db import Database, insert_ignore
 from .deployments import Publisher, publish_desired
 from .devices import TAG_MAX, ensure_device
-from .models import Device, EventRow, TelemetryRow
+from .models import Device, EventRow, SummaryRow, TelemetryRow
 from .timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
 LOG_FIRST_N = 10  # per reason; after that every LOG_EVERY-th, so a noisy device cannot flood the log
 LOG_EVERY = 1000
+CLOCK_WINDOW_S = 600.0  # the clock-offset estimate is a minimum over (about) this much server time
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class IngestStats:
     states: int = 0
     telemetry_rows: int = 0  # stored
     event_rows: int = 0  # stored
+    summary_rows: int = 0  # stored
     duplicates: int = 0  # records dropped because (device_id, seq) was already stored
     bad: int = 0  # messages refused by the wire contract
     bad_by_reason: dict[str, int] = field(default_factory=dict)
@@ -75,6 +77,7 @@ class Ingest:
                 states=c["states"],
                 telemetry_rows=c["telemetry_rows"],
                 event_rows=c["event_rows"],
+                summary_rows=c["summary_rows"],
                 duplicates=c["duplicates"],
                 bad=sum(self._bad.values()),
                 bad_by_reason=dict(self._bad),
@@ -112,7 +115,7 @@ class Ingest:
             with self.db.session() as session:
                 if isinstance(msg, DeviceState):
                     self._on_state(session, msg)
-                elif isinstance(msg, (Batch, Telemetry, Event)):
+                elif isinstance(msg, (Batch, Telemetry, Event, Summary)):
                     self._on_records(session, msg)
                 else:  # decode_for_topic only lets device->server types through on our subscriptions
                     self._reject(topic, "wrong_channel", ProtocolError(f"{msg.type!r} is not for the control plane"))
@@ -171,27 +174,77 @@ class Ingest:
 
     # -- telemetry and events --------------------------------------------------------------------
 
-    def _on_records(self, session: Session, msg: Batch | Telemetry | Event) -> None:
+    def _on_records(self, session: Session, msg: Batch | Telemetry | Event | Summary) -> None:
         records = msg.items if isinstance(msg, Batch) else [msg]
         device, _ = ensure_device(session, msg.device_id)
         now = utcnow()
-        stored_t = stored_e = dupes = 0
+        offset = update_clock_offset(device, records, now)
+        stored_t = stored_e = stored_s = dupes = 0
         for rec in records:
             if isinstance(rec, Telemetry):
-                if insert_ignore(session, TelemetryRow.__table__, _telemetry_values(rec, now)):
-                    stored_t += 1
-                else:
-                    dupes += 1
+                table, values = TelemetryRow.__table__, _telemetry_values(rec, now)
+            elif isinstance(rec, Summary):
+                table, values = SummaryRow.__table__, _summary_values(rec, now)
             else:
-                if insert_ignore(session, EventRow.__table__, _event_values(rec, now)):
-                    stored_e += 1
+                table, values = EventRow.__table__, _event_values(rec, now)
+            values["corrected_ts"] = rec.ts + offset if offset is not None else None
+            if insert_ignore(session, table, values):
+                if table is TelemetryRow.__table__:
+                    stored_t += 1
+                elif table is SummaryRow.__table__:
+                    stored_s += 1
                 else:
-                    dupes += 1
+                    stored_e += 1
+            else:
+                dupes += 1
         device.last_seen = now
         session.commit()
-        self._count(telemetry_rows=stored_t, event_rows=stored_e, duplicates=dupes)
+        self._count(telemetry_rows=stored_t, event_rows=stored_e, summary_rows=stored_s, duplicates=dupes)
         if dupes:
             log.debug("%s: %d duplicate record(s) dropped", msg.device_id, dupes)
+
+
+def update_clock_offset(device: Device, records: list[Any], now: Any) -> float | None:
+    """Update and return the device's clock offset estimate (server clock − device clock, seconds).
+
+    For every record, ``received_at − ts = offset + delay`` where the delay (outbox wait,
+    transit, broker) is never negative, so each record gives an upper bound on the offset
+    and the smallest one seen (the record delivered most promptly) is the best estimate.
+    The estimate keeps the minimum over about ``CLOCK_WINDOW_S`` of server time: a lower
+    observation replaces it at once (a device whose clock was set forward), and once the
+    window has passed the next message's minimum replaces it whatever its value (a clock
+    set back), so an old estimate does not stick forever.
+    """
+    if not records:
+        return device.clock_offset_s
+    received = now.timestamp()
+    obs = min(received - r.ts for r in records)
+    current, at = device.clock_offset_s, device.clock_offset_at
+    if current is None or at is None or obs < current or (now - at).total_seconds() > CLOCK_WINDOW_S:
+        device.clock_offset_s = round(obs, 3)
+        device.clock_offset_at = now
+    return device.clock_offset_s
+
+
+def _summary_values(s: Summary, now: Any) -> dict[str, Any]:
+    return {
+        "device_id": s.device_id,
+        "seq": s.seq,
+        "ts": s.ts,
+        "received_at": now,
+        "model": s.model,
+        "version": s.version,
+        "window_s": s.window_s,
+        "inferences": s.inferences,
+        "errors": s.errors,
+        "predictions": s.predictions,
+        "latency_p50_ms": s.latency_p50_ms,
+        "latency_p95_ms": s.latency_p95_ms,
+        "latency_p99_ms": s.latency_p99_ms,
+        "classes": s.classes,
+        "confidence_bins": s.confidence_bins,
+        "confidence_hist": s.confidence_hist,
+    }
 
 
 def _telemetry_values(t: Telemetry, now: Any) -> dict[str, Any]:

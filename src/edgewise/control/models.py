@@ -48,6 +48,9 @@ class Device(Base):
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     last_state_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Estimated server clock minus device clock, seconds (see ingest.update_clock_offset).
+    clock_offset_s: Mapped[float | None] = mapped_column(Float, default=None)
+    clock_offset_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
 
 class ModelVersion(Base):
@@ -93,6 +96,7 @@ class TelemetryRow(Base):
     device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(BigInteger)
     ts: Mapped[float] = mapped_column(Float)  # device wall clock, may be skewed
+    corrected_ts: Mapped[float | None] = mapped_column(Float, default=None)  # ts + the device's clock offset
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     model: Mapped[str | None] = mapped_column(String(64), default=None)
     version: Mapped[str | None] = mapped_column(String(128), default=None)
@@ -120,8 +124,35 @@ class EventRow(Base):
     device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(BigInteger)
     ts: Mapped[float] = mapped_column(Float)
+    corrected_ts: Mapped[float | None] = mapped_column(Float, default=None)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     kind: Mapped[str] = mapped_column(String(64))
     severity: Mapped[str] = mapped_column(String(16), default="info")
     message: Mapped[str] = mapped_column(Text, default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class SummaryRow(Base):
+    """One per-interval aggregate from a device in summary bandwidth mode. UNIQUE(device_id, seq)."""
+
+    __tablename__ = "summaries"
+    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_summaries_device_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[float] = mapped_column(Float)
+    corrected_ts: Mapped[float | None] = mapped_column(Float, default=None)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    model: Mapped[str | None] = mapped_column(String(64), default=None)
+    version: Mapped[str | None] = mapped_column(String(128), default=None)
+    window_s: Mapped[float] = mapped_column(Float, default=0.0)
+    inferences: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    predictions: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    latency_p99_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    classes: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    confidence_bins: Mapped[list[float]] = mapped_column(JSON, default=list)
+    confidence_hist: Mapped[list[int]] = mapped_column(JSON, default=list)

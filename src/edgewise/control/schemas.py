@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .deployments import desired_state
 from .ingest import IngestStats
-from .models import Deployment, Device, EventRow, ModelVersion, TelemetryRow
+from .models import Deployment, Device, EventRow, ModelVersion, SummaryRow, TelemetryRow
 from .registry import bundle_url
 from .telemetry import inference_rate
 
@@ -30,6 +30,7 @@ class TelemetryOut(_Out):
     device_id: str
     seq: int
     ts: float = Field(description="Device wall clock, seconds since the epoch (may be skewed).")
+    corrected_ts: float | None = Field(default=None, description="ts + the device's estimated clock offset at ingest.")
     received_at: datetime
     model: str | None
     version: str | None
@@ -86,6 +87,9 @@ class DeviceOut(BaseModel):
     inference_rate: float | None = Field(description="Inferences per second in the latest sample's window.")
     latency_p95_ms: float | None = Field(description="p95 latency of the latest sample.")
     telemetry: TelemetryOut | None = Field(description="Latest sample (highest seq), if any.")
+    clock_offset_s: float | None = Field(
+        default=None, description="Estimated server clock minus device clock, seconds (None before any telemetry or event).",
+    )
 
     @classmethod
     def of(cls, d: Device, latest: TelemetryRow | None = None) -> "DeviceOut":
@@ -121,6 +125,7 @@ class DeviceOut(BaseModel):
             inference_rate=inference_rate(latest) if latest is not None else None,
             latency_p95_ms=latest.latency_p95_ms if latest is not None else None,
             telemetry=TelemetryOut.of(latest) if latest is not None else None,
+            clock_offset_s=d.clock_offset_s,
         )
 
 
@@ -128,11 +133,34 @@ class EventOut(_Out):
     device_id: str
     seq: int
     ts: float
+    corrected_ts: float | None = None
     received_at: datetime
     kind: str
     severity: str
     message: str
     detail: dict[str, Any]
+
+
+class SummaryOut(_Out):
+    """One per-interval aggregate (bandwidth mode "summary")."""
+
+    device_id: str
+    seq: int
+    ts: float
+    corrected_ts: float | None = None
+    received_at: datetime
+    model: str | None
+    version: str | None
+    window_s: float
+    inferences: int
+    errors: int
+    predictions: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+    classes: dict[str, int] = Field(description="Predicted top-1 class -> count in the window.")
+    confidence_bins: list[float]
+    confidence_hist: list[int] = Field(description="Top-1 confidence counts per bin of confidence_bins.")
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -225,6 +253,7 @@ class IngestStatsOut(BaseModel):
     states: int
     telemetry_rows: int
     event_rows: int
+    summary_rows: int = 0
     duplicates: int
     bad: int
     bad_by_reason: dict[str, int]
@@ -240,7 +269,7 @@ class StatsOut(BaseModel):
     ingest: IngestStatsOut = Field(description="Counters since this server process started.")
     devices: int
     model_versions: int
-    stored: dict[str, int] = Field(description="Rows in the database: telemetry, events.")
+    stored: dict[str, int] = Field(description="Rows in the database: telemetry, events, summaries.")
 
 
 class MqttStatus(BaseModel):

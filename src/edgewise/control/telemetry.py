@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .models import EventRow, TelemetryRow
+from .models import EventRow, SummaryRow, TelemetryRow
 
 
 def inference_rate(row: TelemetryRow) -> float | None:
@@ -44,8 +44,17 @@ def recent_events(session: Session, device_id: str, limit: int = 100) -> list[Ev
     )
 
 
+def recent_summaries(session: Session, device_id: str, limit: int = 100) -> list[SummaryRow]:
+    """The last ``limit`` summaries of a device, oldest first (ready to plot)."""
+    rows = session.scalars(
+        select(SummaryRow).where(SummaryRow.device_id == device_id).order_by(SummaryRow.seq.desc()).limit(limit)
+    ).all()
+    return list(reversed(rows))
+
+
 def count_rows(session: Session) -> dict[str, int]:
     return {
         "telemetry": session.scalar(select(func.count()).select_from(TelemetryRow)) or 0,
         "events": session.scalar(select(func.count()).select_from(EventRow)) or 0,
+        "summaries": session.scalar(select(func.count()).select_from(SummaryRow)) or 0,
     }

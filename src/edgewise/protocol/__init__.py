@@ -13,7 +13,9 @@ from .messages import (
     DesiredState,
     DeviceState,
     Event,
+    CONFIDENCE_BINS,
     HardwareInfo,
+    Summary,
     Telemetry,
     UpdateResult,
 )
@@ -27,6 +29,8 @@ __all__ = [
     "Event",
     "HardwareInfo",
     "ProtocolError",
+    "CONFIDENCE_BINS",
+    "Summary",
     "Telemetry",
     "UpdateResult",
     "decode",

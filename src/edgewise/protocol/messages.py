@@ -132,7 +132,39 @@ class Event(_Message):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
-Record = Annotated[Union[Telemetry, Event], Field(discriminator="type")]
+CONFIDENCE_BINS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""Fixed edges of ``Summary.confidence_hist`` (10 bins; the last one is closed, so 1.0 falls in it)."""
+
+
+class Summary(_Message):
+    """One aggregate per telemetry interval (``bandwidth_mode = "summary"``) instead of the full sample.
+
+    ``classes`` maps the predicted top-1 class index (as a string) to how many predictions
+    chose it; ``confidence_hist`` counts the top-1 confidence in the bins
+    ``confidence_bins``. Both add up to ``predictions`` (rows of the classifier output);
+    ``inferences`` counts ``predict`` calls (equal to ``predictions`` for batch-1 inputs).
+    """
+
+    type: Literal["summary"] = "summary"
+    device_id: str
+    seq: int = Field(ge=0)
+    ts: float = Field(description="Device wall clock at the end of the window (may be skewed).")
+    mono: float = 0.0
+    model: str | None = None
+    version: str | None = None
+    window_s: float = 0.0
+    inferences: int = 0
+    errors: int = 0
+    predictions: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    classes: dict[str, int] = Field(default_factory=dict)
+    confidence_bins: list[float] = Field(default_factory=lambda: list(CONFIDENCE_BINS))
+    confidence_hist: list[int] = Field(default_factory=list)
+
+
+Record = Annotated[Union[Telemetry, Event, Summary], Field(discriminator="type")]
 
 
 class Batch(_Message):
@@ -143,13 +175,13 @@ class Batch(_Message):
     items: list[Record]
 
 
-Message = Annotated[Union[DesiredState, DeviceState, Telemetry, Event, Batch], Field(discriminator="type")]
+Message = Annotated[Union[DesiredState, DeviceState, Telemetry, Event, Summary, Batch], Field(discriminator="type")]
 
 # Which message types may appear on which channel of a device topic.
 CHANNEL_TYPES: dict[str, tuple[type[BaseModel], ...]] = {
     "desired": (DesiredState,),
     "state": (DeviceState,),
-    "telemetry": (Batch, Telemetry),
+    "telemetry": (Batch, Telemetry, Summary),
     "events": (Batch, Event),
     "cmd": (),
 }

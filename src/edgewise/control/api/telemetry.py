@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from .. import telemetry as ts
 from ..devices import get_device
 from ..models import Device, ModelVersion
-from ..schemas import EventOut, IngestStatsOut, StatsOut, TelemetryOut
+from ..schemas import EventOut, IngestStatsOut, StatsOut, SummaryOut, TelemetryOut
 from ..services import ControlServices
 from .deps import get_services, get_session
 
@@ -45,6 +45,17 @@ def device_events(
     """The device's last ``limit`` events, newest first."""
     get_device(session, device_id)
     return [EventOut.model_validate(e) for e in ts.recent_events(session, device_id, limit)]
+
+
+@router.get("/devices/{device_id}/summaries", response_model=list[SummaryOut])
+def device_summaries(
+    device_id: str,
+    limit: int = Query(default=100, ge=1, le=MAX_LIMIT),
+    session: Session = Depends(get_session),
+) -> list[SummaryOut]:
+    """The device's last ``limit`` per-interval summaries (bandwidth mode "summary"), oldest first."""
+    get_device(session, device_id)
+    return [SummaryOut.model_validate(r) for r in ts.recent_summaries(session, device_id, limit)]
 
 
 @router.get("/stats", response_model=StatsOut)
