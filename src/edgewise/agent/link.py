@@ -244,7 +244,9 @@ class Link:
         deadline = time.monotonic() + timeout
         while not info.is_published():
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._session_over.is_set() or self._stop.is_set():
+            # A new session means this publish's connection is gone, even if `_session_over` was
+            # already cleared by a fast reconnect: give up now, the outbox resends it.
+            if remaining <= 0 or self._session_over.is_set() or self._stop.is_set() or self._client is not client:
                 return info.is_published()
             try:
                 info.wait_for_publish(min(0.1, remaining))

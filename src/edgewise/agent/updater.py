@@ -33,6 +33,21 @@ CHUNK = 64 * 1024
 DISK_MARGIN = 16 * 2**20
 USER_AGENT = "edgewise-agent"
 
+# Test-only fault injection (see docs/agent.md, "Fault tests"): with EDGEWISE_FAULT_KILL_AT set to one of
+# FAULT_STEPS, the process kills itself with SIGKILL at that step of an update, as a power cut would.
+# Read once at import; when unset each fault point is one global lookup and a falsy test.
+FAULT_STEPS = ("download", "verify", "stage", "trial", "commit")
+_KILL_AT = os.environ.get("EDGEWISE_FAULT_KILL_AT") or None
+
+
+def _fault_point(step: str) -> None:
+    if _KILL_AT == step:
+        import signal
+
+        log.critical("EDGEWISE_FAULT_KILL_AT=%s: killing the agent (test fault injection)", step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 class FetchError(RuntimeError):
     """The artifact could not be fetched (network, server, wrong bytes). Retrying later may help."""
@@ -160,6 +175,9 @@ class HttpFetcher:
                         f.write(chunk)
                         h.update(chunk)
                         have += len(chunk)
+                        if _KILL_AT:
+                            f.flush()
+                            _fault_point("download")  # a partial .part file is on disk
                     f.flush()
                     os.fsync(f.fileno())
             except FetchError:
@@ -229,7 +247,24 @@ class Updater:
                 model, self.startup_result = self._resume_trial(trial)
                 if model is not None:
                     return model, None
-            return self._load_committed()
+            model, problem = self._load_committed()
+            if model is not None:
+                self._forget_committed_download()
+            return model, problem
+
+    def _forget_committed_download(self) -> None:
+        """A full download of the bundle already committed is dead weight (left by a power cut after the commit)."""
+        rec = self.slots.record()
+        if rec is None:
+            return
+        for name in (f"{rec.sha256}.ewb", f"{rec.sha256}.ewb.part"):
+            p = self.downloads / name
+            try:
+                if p.exists():
+                    p.unlink()
+                    log.info("removed leftover download %s of the committed bundle", p)
+            except OSError as exc:
+                log.warning("cannot remove leftover download %s: %s", p, exc)
 
     def _resume_trial(self, trial: TrialRecord) -> tuple[LoadedModel | None, UpdateResult | None]:
         """One more agent start for the model on trial: commit it, keep trying it, or roll it back.
@@ -415,6 +450,8 @@ class Updater:
             vb = verify_bundle(path, self.trusted())
         except BundleError as exc:
             return _result(generation, want_model, want_version, "failed", f"verification failed: {exc}")
+        if _KILL_AT:
+            _fault_point("verify")  # downloaded and verified, nothing staged yet
         name, version = vb.manifest.name, vb.manifest.version
         if expect is not None and (name, version) != expect:
             return _result(
@@ -432,6 +469,8 @@ class Updater:
         except SlotError as exc:
             self._restore_committed_if_orphaned()
             return _result(generation, name, version, "failed", str(exc))
+        if _KILL_AT:
+            _fault_point("stage")  # staged in the inactive slot, not on trial yet
         # From here on the new model sits in the inactive slot; any failure abandons it there.
         try:
             self.slots.begin_trial(staged, vb.manifest, vb.sha256)  # start 1, written before loading
@@ -447,10 +486,14 @@ class Updater:
             return _result(generation, name, version, "rolled_back", f"{name} {version} failed its trial and was not committed: {exc}")
         if golden:
             log.info("%s %s: %s", name, version, golden)
+        if _KILL_AT:
+            _fault_point("trial")  # on trial (start 1 recorded), loaded and checked, not passed yet
         try:
             trial = self.slots.trial_passed()
             if trial is not None and trial.passed >= self.trial_starts:
                 self.slots.commit_trial()
+                if _KILL_AT:
+                    _fault_point("commit")  # committed in state.json, not yet live nor cleaned up
                 self._cleanup()
         except OSError as exc:
             self._abandon_trial()
