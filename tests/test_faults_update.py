@@ -65,9 +65,15 @@ def test_agent_killed_at_each_update_step_serves_a_whole_model_and_converges(
         out = agent.predict(digits_data.x_test[:1])
         assert out["version"] in ("1.0.0", "1.1.0") and len(out["outputs"]["label"]) == 1
 
-        if step == "trial":  # the start that died counts against the trial: rolled back first, then retried
+        if step == "trial":
+            # The start that died counts against the trial: rolled back, and that generation is not
+            # retried (a model that crashes the agent would crash it again) until a new one arrives.
             wait_until(lambda: "crashed during trial" in (state / "agent.log").read_text(errors="replace"), 30,
                        what="the crashed trial to be rolled back")
+            assert (state / "failed_generation").read_text().strip() == "1"
+            assert agent.health()["version"] == "1.0.0"
+            cp.desire(device, 2, model="digits", version="1.1.0",
+                      artifact=artifact_for(bundles["1.1.0"], bundle_server.base_url + "/digits-1.1.0.ewb"))
         wait_until(lambda: agent.health()["version"] == "1.1.0", 120, what=f"{device} to converge to 1.1.0")
         out = agent.predict(digits_data.x_test[:4])
         assert out["version"] == "1.1.0"

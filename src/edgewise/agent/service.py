@@ -115,7 +115,7 @@ class Agent:
         self._desired_cv = threading.Condition()
         self._desired: DesiredState | None = None
         self._converged_generation: int | None = None
-        self._failed_generation: int | None = None
+        self._failed_generation: int | None = self._load_failed_generation()
         self._retrying_generation: int | None = None
         self._last_update: UpdateResult | None = None
         self._updating = False
@@ -221,7 +221,12 @@ class Agent:
             if problem:
                 self._emit_event("slot_fallback" if model else "load_failed", problem, severity="error")
             if self.updater.startup_result is not None:  # a trial committed or rolled back on this start
-                self._record_update(self.updater.startup_result, source="trial")
+                res = self.updater.startup_result
+                self._record_update(res, source="trial")
+                if res.result == "rolled_back" and res.generation is not None:
+                    # A model that crashed the agent on trial would crash it again: do not retry this
+                    # generation; the control plane must issue a new one (a fix, or an explicit retry).
+                    self._set_failed_generation(res.generation)
         if len(self.updater.trusted()) == 0:
             log.warning("no trusted keys in %s: every bundle will be refused; copy the fleet's signing .pub there", cfg.trust_path)
         try:
@@ -486,6 +491,30 @@ class Agent:
                 detail={"topic": topic, "reason": reason, "total": self.monitor.bad_messages},
             )
 
+    # -- refused generation (survives restarts) ----------------------------------------------------
+
+    def _failed_path(self) -> Path:
+        return Path(self.config.state_dir) / "failed_generation"
+
+    def _load_failed_generation(self) -> int | None:
+        try:
+            return int(self._failed_path().read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _set_failed_generation(self, gen: int | None) -> None:
+        """Remember a refused desired generation across restarts, so a bad update is not retried in a loop."""
+        if gen == self._failed_generation:
+            return
+        self._failed_generation = gen
+        try:
+            if gen is None:
+                self._failed_path().unlink(missing_ok=True)
+            else:
+                atomic_write(self._failed_path(), f"{gen}\n".encode())
+        except OSError as exc:
+            log.warning("cannot record the refused generation: %s", exc)
+
     # -- threads --------------------------------------------------------------------------------
 
     def _telemetry_loop(self) -> None:
@@ -551,7 +580,7 @@ class Agent:
             return False
         if m is not None and (m.name, m.version) == (desired.model, desired.version):
             self._converged_generation = gen
-            self._failed_generation = None
+            self._set_failed_generation(None)
             self._publish_state()
             return False
         if gen == self._failed_generation:
@@ -565,14 +594,15 @@ class Agent:
             self._updating = False
         if result.result == "ok":
             self._converged_generation = gen
-            self._failed_generation = self._retrying_generation = None
+            self._set_failed_generation(None)
+            self._retrying_generation = None
             self._record_update(result, source="desired")
         elif retryable:
             first = self._retrying_generation != gen  # one event per generation, not one per retry
             self._retrying_generation = gen
             self._record_update(result, event=first, source="desired", retrying=True)
         else:
-            self._failed_generation = gen
+            self._set_failed_generation(gen)
             self._retrying_generation = None
             self._record_update(result, source="desired")
         return retryable

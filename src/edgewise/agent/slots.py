@@ -74,13 +74,16 @@ class TrialRecord:
     sha256: str
     starts: int = 0
     passed: int = 0
+    generation: int | None = None  # the desired state that asked for it (None: a local install)
 
     @classmethod
     def from_json(cls, obj: Any) -> "TrialRecord | None":
         if not isinstance(obj, dict):
             return None
         try:
-            rec = cls(str(obj["slot"]), str(obj["model"]), str(obj["version"]), str(obj["sha256"]), int(obj.get("starts", 0)), int(obj.get("passed", 0)))
+            gen = obj.get("generation")
+            rec = cls(str(obj["slot"]), str(obj["model"]), str(obj["version"]), str(obj["sha256"]), int(obj.get("starts", 0)),
+                      int(obj.get("passed", 0)), int(gen) if gen is not None else None)
         except (KeyError, TypeError, ValueError):
             return None
         return rec if rec.slot in SLOT_NAMES else None
@@ -226,13 +229,13 @@ class Slots:
 
     # -- trials -------------------------------------------------------------------------------
 
-    def begin_trial(self, slot_or_path: str | Path, manifest: "Manifest", sha256: str) -> TrialRecord:
+    def begin_trial(self, slot_or_path: str | Path, manifest: "Manifest", sha256: str, generation: int | None = None) -> TrialRecord:
         """Record the staged slot as on trial, counting this load as its first start (written before loading)."""
         slot = self._slot_name(slot_or_path)
         rec = self.record()
         if rec is not None and rec.slot == slot:
             raise SlotError(f"slot {slot} is the committed slot; it cannot go on trial")
-        trial = TrialRecord(slot, manifest.name, manifest.version, sha256, starts=1, passed=0)
+        trial = TrialRecord(slot, manifest.name, manifest.version, sha256, starts=1, passed=0, generation=generation)
         self._update(trial=asdict(trial))
         return trial
 

@@ -281,7 +281,7 @@ class Updater:
                 f"{trial.passed} completed; rolled back to the committed model"
             )
             log.error("%s", reason)
-            return None, _result(None, trial.model, trial.version, "rolled_back", reason)
+            return None, _result(trial.generation, trial.model, trial.version, "rolled_back", reason)
         if trial.passed < self.trial_starts:
             self.slots.trial_started()  # written before loading: a crash from here on counts against the trial
         try:
@@ -290,7 +290,7 @@ class Updater:
             self.slots.abandon_trial()
             reason = f"{what} failed its trial on start and was not committed: {exc}"
             log.error("%s", reason)
-            return None, _result(None, trial.model, trial.version, "rolled_back", reason)
+            return None, _result(trial.generation, trial.model, trial.version, "rolled_back", reason)
         passed = trial if trial.passed >= self.trial_starts else self.slots.trial_passed()
         assert passed is not None
         if passed.passed < self.trial_starts:
@@ -299,7 +299,7 @@ class Updater:
         self.slots.commit_trial()
         self._cleanup()
         log.info("%s passed its trial on %d start(s); committed", what, passed.passed)
-        return model, _result(None, trial.model, trial.version, "ok", f"committed after passing its trial on {passed.passed} start(s)")
+        return model, _result(trial.generation, trial.model, trial.version, "ok", f"committed after passing its trial on {passed.passed} start(s)")
 
     def _load_committed(self) -> tuple[LoadedModel | None, str | None]:
         rec = self.slots.record()
@@ -473,7 +473,7 @@ class Updater:
             _fault_point("stage")  # staged in the inactive slot, not on trial yet
         # From here on the new model sits in the inactive slot; any failure abandons it there.
         try:
-            self.slots.begin_trial(staged, vb.manifest, vb.sha256)  # start 1, written before loading
+            self.slots.begin_trial(staged, vb.manifest, vb.sha256, generation)  # start 1, written before loading
             staged_vb: VerifiedBundle = verify_bundle(staged, self.trusted())
             if staged_vb.sha256 != vb.sha256:
                 raise ModelLoadError("the staged copy differs from the verified file (disk error?)")
