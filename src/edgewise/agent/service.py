@@ -168,16 +168,7 @@ class Agent:
         if model is None:
             self.monitor.count_error()
             raise NoModelError("no model installed yet; wait for the desired state or install a bundle")
-        t0 = time.perf_counter_ns()
-        try:
-            out = model.predict(inputs)
-        except Exception:
-            self.monitor.count_error()
-            raise
-        self.monitor.record(time.perf_counter_ns() - t0)
-        if self._summarize:
-            self._observe(out)
-        return out
+        return self.predict_on(model, inputs)
 
     def predict_on(self, model: LoadedModel, inputs: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Like :meth:`predict` on a model the caller already picked (the HTTP API reports which one served)."""
