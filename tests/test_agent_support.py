@@ -19,17 +19,13 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 
 from edgewise.agent import Agent, load_config
+from edgewise.sim.fleet import wait_until
 from edgewise.protocol import ArtifactRef, DesiredState, ProtocolError, decode_for_topic, encode, topics
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """The simulator's poller with the agent tests' tighter defaults."""
+    return wait_until(predicate, timeout, interval=interval, what=what)
 
 
 def make_agent(state_dir: Path, keys_dir: Path, **overrides: Any) -> Agent:
