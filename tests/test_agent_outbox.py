@@ -34,7 +34,7 @@ def test_seq_numbers_continue_after_reopening(tmp_path):
     with Outbox(tmp_path / "o.db") as ob:
         for _ in range(5):
             ob.enqueue(telemetry())
-        ob.ack([r.id for r in ob.peek(3)])
+        ob.ack([r.seq for r in ob.peek(3)])
     with Outbox(tmp_path / "o.db") as ob:
         assert ob.pending() == 2
         assert ob.issued() == 5
@@ -81,7 +81,7 @@ def test_ack_removes_only_the_acknowledged_records(tmp_path):
     with Outbox(tmp_path / "o.db") as ob:
         for i in range(4):
             ob.enqueue(telemetry(i))
-        first_two = [r.id for r in ob.peek(2)]
+        first_two = [r.seq for r in ob.peek(2)]
         assert ob.ack(first_two) == 2
         assert [decode(r.payload).inferences for r in ob.peek(10)] == [2, 3]
         assert ob.ack(first_two) == 0
@@ -315,3 +315,70 @@ def test_disk_full_on_a_real_tiny_tmpfs(tmp_path):
             assert ob.dropped() == dropped
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _kill9_after(db, body: str) -> None:
+    """Run ``body`` (with ``ob`` an open Outbox on ``db``) in a child process, then SIGKILL it."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from edgewise.agent import Outbox
+        from edgewise.protocol import Event, Telemetry
+        ob = Outbox({str(db)!r}, max_bytes=4096)
+        """
+    ) + textwrap.dedent(body) + "\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_numbers_of_acknowledged_records_are_not_reissued_after_kill_9_with_an_empty_outbox(tmp_path):
+    db = tmp_path / "o.db"
+    _kill9_after(db, """
+        for i in range(10):
+            ob.enqueue(Telemetry(device_id="dev-1", seq=0, ts=time.time(), inferences=i))
+        ob.ack([r.seq for r in ob.peek(100)])
+    """)
+    with Outbox(db) as ob:
+        assert ob.pending() == 0
+        assert ob.enqueue(telemetry()) == 10
+
+
+def test_numbers_of_new_records_dropped_by_the_bound_are_not_reissued_after_kill_9(tmp_path):
+    db = tmp_path / "o.db"
+    _kill9_after(db, """
+        ob.enqueue(Event(device_id="dev-1", seq=0, ts=time.time(), kind="x", severity="critical", message="a" * 3000))
+        for i in range(5):  # no room and nothing of lower priority to drop: these are dropped, their numbers used
+            ob.enqueue(Event(device_id="dev-1", seq=0, ts=time.time(), kind="x", severity="info", message="b" * 3000))
+    """)
+    with Outbox(db, max_bytes=4096) as ob:
+        assert ob.dropped()["event"] == 5
+        assert ob.enqueue(telemetry()) == 6
+
+
+def test_an_outbox_written_by_0_1_is_rekeyed_by_seq_and_keeps_its_records(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "o.db"
+    con = sqlite3.connect(db, isolation_level=None)
+    con.executescript(
+        """
+        CREATE TABLE records (id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+            priority INTEGER NOT NULL, created REAL NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL);
+        CREATE INDEX records_by_priority ON records (priority, id);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO meta VALUES ('next_seq', 7), ('seq_reserved', 100007), ('clean', 1);
+        """
+    )
+    import msgpack
+
+    for seq in (4, 5, 6):
+        payload = msgpack.packb(telemetry(seq).model_dump(mode="json") | {"seq": seq}, use_bin_type=True)
+        con.execute("INSERT INTO records (seq, kind, priority, created, size, payload) VALUES (?, 'telemetry', 0, 0, ?, ?)",
+                    (seq, len(payload), payload))
+    con.close()
+    with Outbox(db) as ob:
+        assert [r.seq for r in ob.peek(10)] == [4, 5, 6]
+        assert ob.ack([4]) == 1
+        assert ob.enqueue(telemetry()) == 7
+    cols = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(records)")]
+    assert "id" not in cols

@@ -130,6 +130,54 @@ def test_a_cut_link_loses_and_duplicates_nothing(fault, tmp_path, keys_dir, bund
         proxy.close()
 
 
+SCALE = 60  # simulated seconds per real second: the agent's timers are the defaults divided by this
+
+
+def test_a_link_down_for_ten_simulated_minutes_is_retried_at_the_capped_backoff_and_loses_nothing(
+    tmp_path, keys_dir, bundles, mosquitto, control_plane, digits_data
+):
+    """Ten minutes of outage in ten seconds: every timer of the agent (telemetry 10 s, flush 1 s, reconnect
+    0.5 s..30 s) runs 60x faster, so the outage spans as many telemetry intervals and reconnect attempts as
+    ten real minutes would. MQTT's keepalive (whole seconds) is not scaled; a refused link does not need it."""
+    device = f"link-minutes-{uuid.uuid4().hex[:6]}"
+    state = tmp_path / device
+    seed_device(state, device, keys_dir, bundles["1.0.0"],
+                flush_interval_s=1.0 / SCALE, reconnect_base_s=0.5 / SCALE, reconnect_cap_s=30.0 / SCALE)
+    proxy = FaultProxy(int(mosquitto.rsplit(":", 1)[1]))
+    agent = agent_process(state, device, keys_dir, proxy.url, telemetry_interval_s=10.0 / SCALE)
+    try:
+        agent.start()
+        agent.wait_ready(60)
+        wait_until(drained(agent), 60, interval=0.1, what="the agent to connect and drain")
+        proxy.drop()
+        wait_until(lambda: not agent.health()["connected"], 30, interval=0.05, what="the agent to see the link down")
+        attempts_before, pending_before = proxy.accepted, agent.health()["outbox_pending"]
+        outage_s = 10 * 60 / SCALE
+        deadline = time.monotonic() + outage_s
+        served = 0
+        while time.monotonic() < deadline:
+            assert agent.predict(digits_data.x_test[:1])["version"] == "1.0.0"
+            served += 1
+            time.sleep(0.05)
+        attempts = proxy.accepted - attempts_before
+        piled = agent.health()["outbox_pending"] - pending_before
+        # full jitter under a 30 s cap: a delay is at most 30 s, so ten minutes hold at least 20 attempts
+        assert attempts >= 10 * 60 // 30, f"{attempts} reconnect attempts in 10 simulated minutes"
+        # one sample per 10 s plus the events the agent raised: about 60 records (timers on a busy CI box may slip)
+        assert piled >= 40, f"only {piled} records buffered in 10 simulated minutes"
+        proxy.forward()
+        restored = time.monotonic()
+        wait_until(drained(agent), 60, interval=0.05, what="the agent to reconnect and drain its outbox")
+        catch_up_sim_s = (time.monotonic() - restored) * SCALE
+        # back within about one capped delay (30 simulated s), plus the drain; generous for a loaded CI machine
+        assert catch_up_sim_s < 5 * 60, f"link restored -> outbox drained took {catch_up_sim_s:.0f} simulated s"
+        stats = _assert_exactly_once(control_plane, agent, device)
+        assert stats["stored"] >= piled and served > 0, stats
+    finally:
+        agent.stop()
+        proxy.close()
+
+
 def test_broker_restart_during_a_sync_loses_and_duplicates_nothing(tmp_path, keys_dir, bundles):
     port = free_port()
     broker = Mosquitto(port, tmp_path, persistent=True)  # the control plane's queued messages survive it

@@ -68,15 +68,14 @@ DISK_FULL_FREE_BYTES = 256 * 1024  # on a full disk, try once to free this much 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
-    id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    seq      INTEGER NOT NULL,
+    seq      INTEGER PRIMARY KEY,  -- never reused, so it is also the row's identity and its age
     kind     TEXT    NOT NULL,
     priority INTEGER NOT NULL,
     created  REAL    NOT NULL,
     size     INTEGER NOT NULL,
     payload  BLOB    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_by_priority ON records (priority, id);
+CREATE INDEX IF NOT EXISTS records_by_priority ON records (priority, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -97,7 +96,6 @@ class _DiskFull(Exception):
 class OutboxRecord:
     """One stored record: ``payload`` is the msgpack encoding of the Telemetry or Event."""
 
-    id: int
     seq: int
     kind: str  # "telemetry" (Telemetry and Summary: the telemetry channel) | "event"
     priority: int
@@ -177,10 +175,13 @@ class Outbox:
                 raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
             self._set_sync("FULL")
             self._db.execute("PRAGMA cache_size=-2048")  # KiB: append at the tail, delete at the head
-            self._db.execute("PRAGMA journal_size_limit=1048576")  # give the WAL's disk space back after checkpoints
+            self._db.execute("PRAGMA journal_size_limit=4194304")  # > one auto-checkpoint's WAL (1000 pages): reused, not re-grown
+            self._migrate_v1()
             self._db.executescript(_SCHEMA)
             self._bytes = self._recount()
-            self._next_seq = self._meta("next_seq")
+            # ``next_seq`` is saved only when the newest record may be gone (ack, drops); otherwise the table tells
+            newest = self._db.execute("SELECT MAX(seq) FROM records").fetchone()[0]
+            self._next_seq = max(self._meta("next_seq"), -1 if newest is None else int(newest) + 1)
             self._reserved = self._meta("seq_reserved")
             if self.recovered_from is not None and self._next_seq == 0:
                 # the old numbering is lost with the corrupt file: start far above anything it can have issued,
@@ -201,6 +202,27 @@ class Outbox:
         except BaseException:
             self._db.close()
             raise
+
+    def _migrate_v1(self) -> None:
+        """Outboxes written before 0.2 keyed records by an AUTOINCREMENT id: re-key them by seq, in one transaction."""
+        cols = [r[1] for r in self._db.execute("PRAGMA table_info(records)").fetchall()]
+        if "id" not in cols:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("DROP INDEX IF EXISTS records_by_priority")
+            self._db.execute("ALTER TABLE records RENAME TO records_v1")
+            self._db.execute(_SCHEMA.split(";")[0])
+            self._db.execute(
+                "INSERT INTO records (seq, kind, priority, created, size, payload) "
+                "SELECT seq, kind, priority, created, size, payload FROM records_v1 ORDER BY id"
+            )
+            self._db.execute("DROP TABLE records_v1")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        log.info("outbox %s: re-keyed the records table by sequence number", self.path)
 
     def _move_aside(self, why: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -285,9 +307,10 @@ class Outbox:
         )
         try:
             self._set_sync("FULL" if full else "NORMAL")
+            added = sum(len(e[4]) + ROW_OVERHEAD for e in encoded)
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                added = sum(len(e[4]) + ROW_OVERHEAD for e in encoded)
+                dropped_new = False
                 if self._bytes + added <= self.max_bytes:  # the common case: room for all, one executemany
                     self._db.executemany(_INSERT, [(e[0], e[1], e[2], e[3], len(e[4]), e[4]) for e in encoded])
                 else:  # one at a time, so older records (also of this call) go before newer ones
@@ -299,8 +322,10 @@ class Outbox:
                             self._bytes += size
                         else:
                             self._bump(f"dropped_{e[2]}")
+                            dropped_new = True
                             log.warning("outbox full: dropped new %s record seq %d", PRIORITY_NAMES[e[2]], e[0])
-                self._db.execute(_SET, ("next_seq", end))
+                if dropped_new or self._unsaved_drops:  # numbers were used by records that are not in the table
+                    self._db.execute(_SET, ("next_seq", end))
                 if end > self._reserved:
                     self._db.execute(_SET, ("seq_reserved", end + SEQ_BLOCK))
                 for p, n in self._unsaved_drops.items():
@@ -341,11 +366,11 @@ class Outbox:
             try:
                 freed = 0
                 for row in self._db.execute(
-                    "SELECT id, priority, size FROM records WHERE priority <= ? ORDER BY priority, id", (top,)
+                    "SELECT seq, priority, size FROM records WHERE priority <= ? ORDER BY priority, seq", (top,)
                 ).fetchall():
                     if freed >= need:
                         break
-                    self._db.execute("DELETE FROM records WHERE id = ?", (row[0],))
+                    self._db.execute("DELETE FROM records WHERE seq = ?", (row[0],))
                     self._unsaved_drops[row[1]] = self._unsaved_drops.get(row[1], 0) + 1
                     freed += row[2] + ROW_OVERHEAD
                 for p, n in self._unsaved_drops.items():
@@ -381,11 +406,11 @@ class Outbox:
             return False  # dropping everything droppable would not make room: keep what is there
         while self._bytes + size > self.max_bytes:
             row = self._db.execute(
-                "SELECT id, priority, size FROM records WHERE priority <= ? ORDER BY priority, id LIMIT 1", (priority,)
+                "SELECT seq, priority, size FROM records WHERE priority <= ? ORDER BY priority, seq LIMIT 1", (priority,)
             ).fetchone()
             if row is None:
                 return False
-            self._db.execute("DELETE FROM records WHERE id = ?", (row[0],))
+            self._db.execute("DELETE FROM records WHERE seq = ?", (row[0],))
             self._bump(f"dropped_{row[1]}")
             self._bytes -= row[2] + ROW_OVERHEAD
             log.warning("outbox full: dropped a %s record to make room", PRIORITY_NAMES.get(row[1], row[1]))
@@ -402,28 +427,33 @@ class Outbox:
                 if len(out) >= n:
                     break
                 rows = self._db.execute(
-                    "SELECT id, seq, kind, priority, created, payload FROM records WHERE priority = ? ORDER BY id LIMIT ?",
+                    "SELECT seq, kind, priority, created, payload FROM records WHERE priority = ? ORDER BY seq LIMIT ?",
                     (p, n - len(out)),
                 ).fetchall()
-                out.extend(OutboxRecord(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows)
+                out.extend(OutboxRecord(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows)
         return out
 
-    def ack(self, ids: Iterable[int]) -> int:
-        """Remove records the broker has acknowledged; return how many were removed."""
-        ids = list(ids)
-        if not ids:
+    def ack(self, seqs: Iterable[int]) -> int:
+        """Remove records (by sequence number) the broker has acknowledged; return how many were removed.
+
+        The same transaction saves the next sequence number: once the newest
+        record is gone, the table alone no longer tells where numbering stands.
+        """
+        seqs = list(seqs)
+        if not seqs:
             return 0
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 removed = 0
-                for i in range(0, len(ids), 500):
-                    chunk = ids[i : i + 500]
+                for i in range(0, len(seqs), 500):
+                    chunk = seqs[i : i + 500]
                     marks = ",".join("?" * len(chunk))
-                    freed = self._db.execute(f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM records WHERE id IN ({marks})", chunk).fetchone()
-                    self._db.execute(f"DELETE FROM records WHERE id IN ({marks})", chunk)
+                    freed = self._db.execute(f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM records WHERE seq IN ({marks})", chunk).fetchone()
+                    self._db.execute(f"DELETE FROM records WHERE seq IN ({marks})", chunk)
                     self._bytes -= int(freed[0]) + int(freed[1]) * ROW_OVERHEAD
                     removed += int(freed[1])
+                self._db.execute(_SET, ("next_seq", self._next_seq))
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 try:
@@ -526,12 +556,12 @@ def drain_once(
     sent = 0
     for kind, topic in (("event", topics.events(device_id)), ("telemetry", topics.telemetry(device_id))):
         group = [r for r in records if r.kind == kind]
-        poison = [r.id for r in group if not _well_formed(r.payload, kind)]
+        poison = [r.seq for r in group if not _well_formed(r.payload, kind)]
         if poison:
             log.error("outbox: %d unreadable %s record(s) dropped", len(poison), kind)
             outbox.ack(poison)
             bad = set(poison)
-            group = [r for r in group if r.id not in bad]
+            group = [r for r in group if r.seq not in bad]
         start = 0
         while start < len(group):
             end, size = start, 0
@@ -541,7 +571,7 @@ def drain_once(
             chunk = group[start:end]
             if not publish(topic, batch_payload(device_id, [r.payload for r in chunk])):
                 return sent  # not acknowledged: everything stays in the outbox for the next session
-            outbox.ack([r.id for r in chunk])
+            outbox.ack([r.seq for r in chunk])
             sent += len(chunk)
             start = end
     return sent
