@@ -21,9 +21,10 @@ setup: $(STAMP)
 
 # Real parts for the tests: Mosquitto (MQTT broker) and headless Chromium (dashboard).
 system-deps:
-	@if ! command -v mosquitto >/dev/null && ! test -x /usr/sbin/mosquitto || ! command -v chromium >/dev/null; then \
+	@if ! command -v mosquitto >/dev/null && ! test -x /usr/sbin/mosquitto || ! command -v chromium >/dev/null \
+	    || ! test -e /usr/lib/softhsm/libsofthsm2.so; then \
 		$(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends mosquitto chromium; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends mosquitto chromium softhsm2; \
 	fi
 
 demo: setup

@@ -27,11 +27,16 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: tmp file in the same directory, fsync, rename, fsync the directory."""
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path``: tmp file in the same directory, fsync, rename, fsync the directory.
+
+    ``mode`` is set when the temporary file is created (0600 for secrets: never readable by others, not even briefly).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)  # a stale tmp file would keep its old mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -110,6 +110,11 @@ class AgentConfig(BaseModel):
         return self
 
     @property
+    def device_token_path(self) -> Path:
+        """The device's API token for the control plane (written at enrollment; sent when present)."""
+        return self.state_dir / "keys" / "device.token"
+
+    @property
     def trust_path(self) -> Path:
         """The trust directory (always set after validation)."""
         assert self.trust_dir is not None

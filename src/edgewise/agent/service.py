@@ -102,7 +102,7 @@ class Agent:
             downloads=self.state_dir / "downloads",
             activate=self._activate,
             current=lambda: self._model,
-            fetcher=HttpFetcher(config.server_url, timeout=config.download_timeout_s),
+            fetcher=HttpFetcher(config.server_url, timeout=config.download_timeout_s, token_file=config.device_token_path),
             threads=config.threads,
             trial_starts=config.trial_starts,
             disk_margin=config.disk_margin_bytes,

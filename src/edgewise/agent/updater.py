@@ -79,10 +79,25 @@ class HttpFetcher:
     (a hostile or broken server cannot fill the disk).
     """
 
-    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0, chunk_size: int = CHUNK) -> None:
+    def __init__(
+        self, base_url: str | None = None, *, timeout: float = 30.0, chunk_size: int = CHUNK, token_file: Path | None = None
+    ) -> None:
         self.base_url = base_url
         self.timeout = timeout
         self.chunk_size = chunk_size
+        self.token_file = token_file  # the device's API token (issued at enrollment), sent as a bearer token
+
+    def headers(self) -> dict[str, str]:
+        """Request headers: user agent, and the device token when the device has one (read per request: rotation)."""
+        headers = {"User-Agent": USER_AGENT}
+        if self.token_file is not None:
+            try:
+                token = Path(self.token_file).read_text(encoding="utf-8").strip()
+            except OSError:
+                token = ""
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+        return headers
 
     def resolve(self, url: str) -> str:
         """Absolute URL for ``url``; relative URLs are joined to the server URL."""
@@ -132,7 +147,7 @@ class HttpFetcher:
         import urllib.error
         import urllib.request  # lazy: only a device that updates pays for it
 
-        headers = {"User-Agent": USER_AGENT}
+        headers = self.headers()
         if have:
             headers["Range"] = f"bytes={have}-"
         try:

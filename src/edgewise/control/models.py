@@ -156,3 +156,9 @@ class SummaryRow(Base):
     classes: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
     confidence_bins: Mapped[list[float]] = mapped_column(JSON, default=list)
     confidence_hist: Mapped[list[int]] = mapped_column(JSON, default=list)
+
+
+# -- provisioning (fleet CA, enrollment; migration 0004) -------------------------------------------
+
+
+# -- access control (users, tokens, audit; migration 0005) -----------------------------------------
