@@ -114,3 +114,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory) -> dict[str, str]:
+    """A fresh SoftHSM2 token (label ``edgewise``, user PIN in $EDGEWISE_PKCS11_PIN) for this test session.
+
+    Yields the keystore URL and the paths; SOFTHSM2_CONF points the library at a token folder under tmp.
+    """
+    import os
+
+    if not SOFTHSM_MODULE.exists() or shutil.which("softhsm2-util") is None:
+        pytest.fail("SoftHSM2 is not installed: run `make test` (it runs apt-get install softhsm2)")
+    d = tmp_path_factory.mktemp("softhsm")
+    (d / "tokens").mkdir()
+    conf = d / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {d / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    os.environ["EDGEWISE_PKCS11_PIN"] = "1234"
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", "edgewise", "--pin", "1234", "--so-pin", "5678"],
+        check=True, capture_output=True, env=dict(os.environ),
+    )
+    return {
+        "url": f"pkcs11:module={SOFTHSM_MODULE};token=edgewise;pin-env=EDGEWISE_PKCS11_PIN",
+        "module": str(SOFTHSM_MODULE), "token": "edgewise", "pin": "1234", "conf": str(conf),
+    }
