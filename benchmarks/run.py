@@ -15,12 +15,14 @@ import bench_lab  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_outbox  # noqa: E402
 import bench_predict  # noqa: E402
+import bench_security  # noqa: E402
 from _common import machine  # noqa: E402
 
 
 def main() -> int:
     results = {}
-    for name, mod in (("predict", bench_predict), ("memory", bench_memory), ("demo", bench_demo), ("outbox", bench_outbox), ("lab", bench_lab)):
+    for name, mod in (("predict", bench_predict), ("memory", bench_memory), ("demo", bench_demo), ("outbox", bench_outbox), ("lab", bench_lab),
+                      ("security", bench_security)):
         print(f"== {name}", flush=True)
         results[name] = mod.run()
         print(json.dumps(results[name], indent=2), flush=True)
@@ -73,7 +75,9 @@ Batch 1, one intra-op thread, the same interleaved timer for every variant, accu
 split. Profile `x86-vnni-bench` (this machine; figures measured on the target). Accuracy budget
 0.5 points for the digits models, 1 point for BasicMotions. Pruning: 50% of channels (torch-pruning),
 fine-tuned, then optimized.
-{bench_lab.markdown(results['lab'])}"""
+{bench_lab.markdown(results['lab'])}
+## Encryption at rest and the verified, encrypted model load (issue 5)
+{bench_security.markdown(results['security'])}"""
     (HERE.parent / "docs" / "benchmarks.md").write_text(md)
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "latest.json").write_text(json.dumps({"machine": m, **results}, indent=2))

@@ -143,3 +143,92 @@ def softhsm(tmp_path_factory) -> dict[str, str]:
         "url": f"pkcs11:module={SOFTHSM_MODULE};token=edgewise;pin-env=EDGEWISE_PKCS11_PIN",
         "module": str(SOFTHSM_MODULE), "token": "edgewise", "pin": "1234", "conf": str(conf),
     }
+
+
+# -- access control (control plane API authentication) ---------------------------------------------
+
+
+def admin_headers(data_dir: Path) -> dict[str, str]:
+    """``Authorization`` header with the bootstrap admin token the control plane wrote to ``data_dir``."""
+    token = (Path(data_dir) / "admin.token").read_text(encoding="utf-8").strip()
+    return {"Authorization": f"Bearer {token}"}
+
+
+# -- signed agent releases (moved from test_security_selfupdate.py: one wheel build per session) ---
+
+
+def _release_versions() -> tuple[str, str, str]:
+    from edgewise import __version__
+
+    major, minor, patch = (int(x) for x in __version__.split(".")[:3])
+    lower = f"{major}.{minor}.{patch - 1}" if patch else f"{major}.{max(minor - 1, 0)}.99"
+    return __version__, f"{major}.{minor}.{patch + 1}", lower
+
+
+@pytest.fixture(scope="session")
+def release_wheel(tmp_path_factory) -> Path:
+    """The edgewise wheel of this checkout, built once per session (offline, no build isolation)."""
+    from edgewise.bundle.release import build_wheel
+
+    return build_wheel(Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("wheel"))
+
+
+def patched_wheel(wheel: Path, version: str, out_dir: Path, patches: dict[str, bytes] | None = None) -> Path:
+    """The same wheel as ``version``: dist-info renamed, METADATA and __version__ patched, RECORD rewritten."""
+    import base64
+    import hashlib
+    import zipfile
+
+    old_version = wheel.name.split("-")[1]
+    out = out_dir / f"edgewise-{version}-py3-none-any.whl"
+    members: dict[str, bytes] = {}
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            data = zf.read(name)
+            new = name.replace(f"edgewise-{old_version}.dist-info", f"edgewise-{version}.dist-info")
+            if new.endswith(".dist-info/METADATA"):
+                data = data.replace(f"\nVersion: {old_version}\n".encode(), f"\nVersion: {version}\n".encode())
+            if new == "edgewise/__init__.py":
+                data = data.replace(f'__version__ = "{old_version}"'.encode(), f'__version__ = "{version}"'.encode())
+            members[new] = data
+    for name, data in (patches or {}).items():
+        members[name] = data
+    record = next(n for n in members if n.endswith(".dist-info/RECORD"))
+    lines = []
+    for name, data in members.items():
+        if name != record:
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            lines.append(f"{name},sha256={digest},{len(data)}")
+    members[record] = ("\n".join(lines + [f"{record},,"]) + "\n").encode()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return out
+
+
+@pytest.fixture(scope="session")
+def releases(tmp_path_factory, release_wheel, keys_dir) -> dict[str, Path]:
+    """Signed releases: current, next, lower, a broken next (raises on import), one signed by an untrusted key."""
+    import zipfile
+
+    from edgewise.bundle.release import build_release
+
+    current, nxt, lower = _release_versions()
+    d = tmp_path_factory.mktemp("releases")
+    signer = load_signer(keys_dir / "signing.key")
+    with zipfile.ZipFile(release_wheel) as zf:
+        service = zf.read("edgewise/agent/service.py")
+    broken = b'raise RuntimeError("this release is broken on purpose")\n' + service
+    out = {}
+    for label, version, patches, key in (
+        ("current", current, None, signer),
+        ("next", nxt, None, signer),
+        ("lower", lower, None, signer),
+        ("broken", nxt, {"edgewise/agent/service.py": broken}, signer),
+        ("foreign", nxt, None, load_signer(keys_dir / "other.key")),
+    ):
+        (d / label).mkdir()
+        whl = patched_wheel(release_wheel, version, d / label, patches)
+        out[label] = d / f"{label}.ewr"
+        build_release(whl, signer=key, out=out[label])
+    return out

@@ -177,7 +177,8 @@ def seed_device(state_dir, device_id: str, keys_dir, bundle=None, **settings):  
     state_dir = Path(state_dir)
     (state_dir / "trust").mkdir(parents=True, exist_ok=True)
     (state_dir / "trust" / "signing.pub").write_bytes((Path(keys_dir) / "signing.pub").read_bytes())
-    conf = dict(flush_interval_s=0.1, reconnect_base_s=0.1, reconnect_cap_s=1.0)
+    # crash safety and links are under test here, not TUF (tests/test_security_tuf*.py): bundles come from a plain server
+    conf = dict(flush_interval_s=0.1, reconnect_base_s=0.1, reconnect_cap_s=1.0, update_trust="signature-only")
     conf.update(settings)
     seed = Agent(load_config(state_dir, device_id=device_id, **conf))
     try:

@@ -34,6 +34,7 @@ def make_agent(state_dir: Path, keys_dir: Path, **overrides: Any) -> Agent:
     trust.mkdir(parents=True, exist_ok=True)
     shutil.copy(keys_dir / "signing.pub", trust / "signing.pub")
     settings: dict[str, Any] = dict(api_port=0, telemetry_interval_s=0.2, flush_interval_s=0.05, reconnect_base_s=0.05, reconnect_cap_s=0.5)
+    settings.setdefault("update_trust", "signature-only")  # these tests are about the agent, not TUF (test_security_tuf*)
     settings.update(overrides)
     return Agent(load_config(state_dir, **settings))
 

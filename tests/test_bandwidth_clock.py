@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import admin_headers
 from edgewise import protocol as p
 from edgewise.agent.outbox import batch_payload
 from edgewise.agent.service import class_output
@@ -148,6 +149,7 @@ def test_control_plane_stores_summaries_and_estimates_a_clock_an_hour_behind(db)
 def test_summaries_and_clock_offset_through_the_api(tmp_path, keys_dir):
     settings = ServerSettings(data_dir=tmp_path / "cp", port=0, embedded_broker_port=0, trust=[keys_dir / "signing.pub"])
     with TestClient(create_app(settings)) as client:
+        client.headers.update(admin_headers(settings.data_dir))
         ingest = client.app.state.control.ingest
         behind = time.time() - 3600.0
         ingest.handle(p.topics.telemetry("api-1"), p.encode(_summary("api-1", 0, behind)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import admin_headers
 from edgewise.bundle import build_bundle
 from edgewise.control import ServerSettings, create_app
 from edgewise.security import load_signer
@@ -18,6 +19,7 @@ def settings(tmp_path, keys_dir):
 @pytest.fixture()
 def client(settings):
     with TestClient(create_app(settings)) as c:
+        c.headers.update(admin_headers(settings.data_dir))
         yield c
 
 
@@ -120,6 +122,7 @@ def test_upload_larger_than_the_limit_is_refused_with_413(tmp_path, keys_dir, bu
     s = ServerSettings(data_dir=tmp_path / "cp", embedded_broker_port=0, trust=[keys_dir / "signing.pub"],
                        max_upload_mb=0.001)
     with TestClient(create_app(s)) as c:
+        c.headers.update(admin_headers(s.data_dir))
         r = upload(c, bundles["1.0.0"])
     assert r.status_code == 413 and "max_upload_mb" in r.json()["detail"]
 

@@ -76,20 +76,24 @@ def wait_for(predicate, timeout=10.0, what="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _auth(cp):
+    return {"Authorization": f"Bearer {cp.admin_token}"}
+
+
 def api(cp, method, path, json=None):
-    r = httpx.request(method, cp.url + path, json=json, timeout=10)
+    r = httpx.request(method, cp.url + path, json=json, timeout=10, headers=_auth(cp))
     assert r.status_code < 400, r.text
     return r.json()
 
 
 def get_or_none(cp, path):
-    r = httpx.get(cp.url + path, timeout=10)
+    r = httpx.get(cp.url + path, timeout=10, headers=_auth(cp))
     return r.json() if r.status_code == 200 else None
 
 
 def upload(cp, path):
     r = httpx.post(cp.url + "/api/v1/models", content=path.read_bytes(),
-                   headers={"Content-Type": "application/octet-stream"}, timeout=30)
+                   headers={"Content-Type": "application/octet-stream", **_auth(cp)}, timeout=30)
     assert r.status_code in (200, 201), r.text
 
 
@@ -97,8 +101,10 @@ def upload(cp, path):
 def cp(request, tmp_path, keys_dir, bundles):
     """A running control plane on the embedded broker or on Mosquitto, digits 1.0.0 and 1.1.0 uploaded."""
     broker_url = request.getfixturevalue("mosquitto") if request.param == "mosquitto" else None
+    # raw paho clients play devices here without logging in: the bus is under test, not broker access control
+    # (that is tests/test_security_identity*.py), so the embedded broker runs in its laptop mode
     settings = ServerSettings(data_dir=tmp_path / "cp", port=0, embedded_broker_port=0, broker_url=broker_url,
-                              trust=[keys_dir / "signing.pub"])
+                              trust=[keys_dir / "signing.pub"], embedded_broker_auth="open")
     with ControlPlane(settings) as plane:
         for path in bundles.values():
             upload(plane, path)
@@ -107,7 +113,8 @@ def cp(request, tmp_path, keys_dir, bundles):
 
 @pytest.fixture()
 def embedded_cp(tmp_path, keys_dir, bundles):
-    settings = ServerSettings(data_dir=tmp_path / "cp", port=0, embedded_broker_port=0, trust=[keys_dir / "signing.pub"])
+    settings = ServerSettings(data_dir=tmp_path / "cp", port=0, embedded_broker_port=0, trust=[keys_dir / "signing.pub"],
+                              embedded_broker_auth="open")  # raw paho clients play devices (see ``cp``)
     with ControlPlane(settings) as plane:
         upload(plane, bundles["1.0.0"])
         yield plane
@@ -194,7 +201,8 @@ def test_a_device_reporting_an_older_generation_gets_its_desired_state_again(emb
 
 
 def test_restarted_control_plane_republishes_desired_states_to_its_new_embedded_broker(tmp_path, keys_dir, bundles):
-    settings = ServerSettings(data_dir=tmp_path / "cp", port=0, embedded_broker_port=0, trust=[keys_dir / "signing.pub"])
+    settings = ServerSettings(data_dir=tmp_path / "cp", port=0, embedded_broker_port=0, trust=[keys_dir / "signing.pub"],
+                              embedded_broker_auth="open")  # raw paho clients play devices (see ``cp``)
     with ControlPlane(settings) as cp:
         upload(cp, bundles["1.0.0"])
         api(cp, "POST", "/api/v1/devices", {"id": "cam-1"})

@@ -14,7 +14,7 @@ from edgewise.sim.fleet import FleetError, http_json, wait_until
 def _rows(cp) -> list:
     """Telemetry rows of sensor-9; none yet (404: the device is unknown until its first record lands)."""
     try:
-        return http_json("GET", f"{cp.url}/api/v1/devices/sensor-9/telemetry")
+        return http_json("GET", f"{cp.url}/api/v1/devices/sensor-9/telemetry", token=cp.admin_token)
     except FleetError:
         return []
 

@@ -49,6 +49,7 @@ def _report(cp, device_id: str) -> None:
     """Play a device: publish its state and one telemetry sample over MQTT."""
     host, port = cp.settings.effective_broker_url.removeprefix("mqtt://").split(":")
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
+    c.username_pw_set(device_id, cp.issue_device_token(device_id))  # the embedded broker fences devices by their token
     c.connect(host, int(port))
     c.loop_start()
     state = p.DeviceState(device_id=device_id, status="online", model="digits", version="1.0.0",
@@ -63,9 +64,11 @@ def _report(cp, device_id: str) -> None:
 
 def test_dashboard_lists_every_device_with_version_status_and_latency(live_server, tmp_path):
     _report(live_server, "cam-17")
-    wait_until(lambda: http_json("GET", f"{live_server.url}/api/v1/devices"), 15, what="the device to register")
-    wait_until(lambda: http_json("GET", f"{live_server.url}/api/v1/devices/cam-17/telemetry"), 15, what="telemetry")
-    dom = render(f"{live_server.url}/", tmp_path)
+    token = live_server.admin_token
+    wait_until(lambda: http_json("GET", f"{live_server.url}/api/v1/devices", token=token), 15, what="the device to register")
+    wait_until(lambda: http_json("GET", f"{live_server.url}/api/v1/devices/cam-17/telemetry", token=token), 15,
+               what="telemetry")
+    dom = render(f"{live_server.url}/#token={token}", tmp_path)
     assert "cam-17" in dom
     assert "shelf-3" in dom
     assert "1.0.0" in dom
@@ -73,5 +76,22 @@ def test_dashboard_lists_every_device_with_version_status_and_latency(live_serve
 
 
 def test_dashboard_says_so_when_the_fleet_is_empty(live_server, tmp_path):
-    dom = render(f"{live_server.url}/", tmp_path)
+    dom = render(f"{live_server.url}/#token={live_server.admin_token}", tmp_path)
     assert "no devices" in dom.lower()
+
+
+def test_dashboard_without_credentials_shows_only_the_sign_in_form(live_server, tmp_path):
+    _report(live_server, "cam-secret")
+    dom = render(f"{live_server.url}/", tmp_path)
+    assert 'id="login" class="login">' in dom  # no longer hidden
+    assert "sign in to see the fleet" in dom
+    assert "cam-secret" not in dom
+
+
+def test_dashboard_shows_the_audit_log_with_who_changed_what(live_server, tmp_path):
+    token = live_server.admin_token
+    http_json("POST", f"{live_server.url}/api/v1/devices", {"id": "cam-audit", "tags": ["dock"]}, token=token)
+    dom = render(f"{live_server.url}/#token={token}", tmp_path)
+    assert 'id="audit">' in dom  # shown to an admin
+    assert "token:bootstrap (user:admin)" in dom
+    assert "POST /api/v1/devices" in dom

@@ -29,7 +29,7 @@ def control_plane(tmp_path, keys_dir, bundles, request):
     cp = ControlPlane(settings)
     cp.start()
     for path in bundles.values():
-        upload_bundle(cp.url, path)
+        upload_bundle(cp.url, path, cp.admin_token)
     yield cp
     cp.stop()
 
@@ -38,7 +38,7 @@ def _agent(cp, tmp_path, keys_dir, name, tags=("e2e",)):
     a = AgentProcess(
         device_id=name, state_dir=tmp_path / name, server_url=cp.url,
         broker_url=cp.settings.effective_broker_url, trust=keys_dir / "signing.pub", tags=list(tags),
-        telemetry_interval_s=0.5,
+        telemetry_interval_s=0.5, device_token=cp.issue_device_token(name),
     )
     a.start()
     return a
@@ -46,7 +46,8 @@ def _agent(cp, tmp_path, keys_dir, name, tags=("e2e",)):
 
 def _versions(cp, ids):
     """Versions of *our* devices: a shared broker may hold retained states of other tests' devices."""
-    return {d["id"]: d.get("version") for d in http_json("GET", f"{cp.url}/api/v1/devices") if d["id"] in ids}
+    return {d["id"]: d.get("version") for d in http_json("GET", f"{cp.url}/api/v1/devices", token=cp.admin_token)
+            if d["id"] in ids}
 
 
 @pytest.mark.parametrize("control_plane", [None, "mosquitto"], indirect=True, ids=["embedded-amqtt", "mosquitto"])
@@ -60,19 +61,21 @@ def test_fleet_converges_to_each_deployed_version_and_reports(control_plane, tmp
         for a in agents:
             a.wait_ready()
         wait_until(lambda: len(_versions(cp, ids)) == 2, 30, what="both agents to register")
-        http_json("POST", f"{cp.url}/api/v1/deployments", {"model": "digits", "version": "1.0.0", "tag": tag})
+        http_json("POST", f"{cp.url}/api/v1/deployments", {"model": "digits", "version": "1.0.0", "tag": tag},
+                  token=cp.admin_token)
         wait_until(lambda: set(_versions(cp, ids).values()) == {"1.0.0"}, 60, what="1.0.0 everywhere")
 
         x, y = digits_data.x_test[:20], digits_data.y_test[:20]
         labels = [int(agents[0].predict(x[i : i + 1])["outputs"]["label"][0]) for i in range(20)]
         assert np.mean(np.array(labels) == y) > 0.8
 
-        http_json("POST", f"{cp.url}/api/v1/deployments", {"model": "digits", "version": "1.1.0", "device_id": ids[1]})
+        http_json("POST", f"{cp.url}/api/v1/deployments", {"model": "digits", "version": "1.1.0", "device_id": ids[1]},
+                  token=cp.admin_token)
         wait_until(lambda: _versions(cp, ids) == {ids[0]: "1.0.0", ids[1]: "1.1.0"}, 60, what="1.1.0 on one device only")
         assert agents[1].health()["version"] == "1.1.0"
 
         def reported():
-            rows = http_json("GET", f"{cp.url}/api/v1/devices/{ids[0]}/telemetry?limit=1000")
+            rows = http_json("GET", f"{cp.url}/api/v1/devices/{ids[0]}/telemetry?limit=1000", token=cp.admin_token)
             return rows if any(r.get("inferences", 0) >= 20 for r in rows) else None
 
         rows = wait_until(reported, 30, what="telemetry with the 20 inferences")
@@ -91,9 +94,11 @@ def test_agent_started_while_the_server_is_down_serves_then_delivers_everything(
         trust=[keys_dir / "signing.pub"],
     )
     server_url = f"http://127.0.0.1:{settings.port}"
+    with ControlPlane(settings) as provisioning:  # the device was provisioned (token issued), then the server went away
+        token = provisioning.issue_device_token("lonely")
     a = AgentProcess(device_id="lonely", state_dir=tmp_path / "lonely", server_url=server_url,
                      broker_url=settings.effective_broker_url, trust=keys_dir / "signing.pub",
-                     telemetry_interval_s=0.3)
+                     telemetry_interval_s=0.3, device_token=token)
     # Seed the device offline with 1.0.0, as a factory image would.
     from edgewise.agent.config import load_config
     from edgewise.agent.service import Agent
@@ -120,8 +125,8 @@ def test_agent_started_while_the_server_is_down_serves_then_delivers_everything(
         issued = h["seq_issued"]
 
         def all_delivered():
-            t = http_json("GET", f"{cp.url}/api/v1/devices/lonely/telemetry?limit=100000")
-            e = http_json("GET", f"{cp.url}/api/v1/devices/lonely/events?limit=100000")
+            t = http_json("GET", f"{cp.url}/api/v1/devices/lonely/telemetry?limit=100000", token=cp.admin_token)
+            e = http_json("GET", f"{cp.url}/api/v1/devices/lonely/events?limit=100000", token=cp.admin_token)
             return len(t) + len(e) >= issued
 
         wait_until(all_delivered, 30, what=f"all {issued} buffered records at the server")

@@ -38,8 +38,8 @@ def _control_plane(tmp_path, keys_dir, broker_url):
 
 
 def _stored_seqs(cp, device: str) -> list[int]:
-    t = http_json("GET", f"{cp.url}/api/v1/devices/{device}/telemetry?limit=100000", timeout=30)
-    e = http_json("GET", f"{cp.url}/api/v1/devices/{device}/events?limit=100000", timeout=30)
+    t = http_json("GET", f"{cp.url}/api/v1/devices/{device}/telemetry?limit=100000", timeout=30, token=cp.admin_token)
+    e = http_json("GET", f"{cp.url}/api/v1/devices/{device}/events?limit=100000", timeout=30, token=cp.admin_token)
     return [r["seq"] for r in t] + [r["seq"] for r in e]
 
 

@@ -60,6 +60,31 @@ class AgentConfig(BaseModel):
         description="Agent starts a new model must load on (smoke test + golden check) before it is committed; 1 = commit after the install's trial.",
     )
     disk_margin_bytes: int = Field(default=16 * 2**20, ge=0, description="Free space kept beyond what an update needs.")
+    integrity_check: Literal["auto", "require", "off"] = Field(
+        default="auto",
+        description="Check the agent's own files against its signed release at start: auto = when running from an "
+        "installed release env (not from a source checkout); require = refuse to run without one; off = skip (dev).",
+    )
+    update_trust: Literal["tuf", "signature-only"] = Field(
+        default="tuf",
+        description="tuf: install updates only as targets the signed TUF metadata lists (trusted root in "
+        "trust/root.json; without it, updates are refused); signature-only: trust the bundle signature and the "
+        "desired state alone (setups without a TUF repository; no freeze/rollback protection from TUF).",
+    )
+    keystore_url: str | None = Field(
+        default=None,
+        description="Where the device's keys live: file:/dir (default file:<state_dir>/keys, files 0600) or "
+        "pkcs11:module=...;token=...;pin-env=VAR (keys generated in and never leaving the token); see docs/security-keys.md.",
+    )
+    encrypt_at_rest: bool = Field(
+        default=True,
+        description="Keep slot bundles (chunked AES-256-GCM) and outbox rows encrypted with the keystore's storage key.",
+    )
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto",
+        description="MQTT version: auto = 5 on mqtts:// (refused publishes come back with a reason code), 3.1.1 on "
+        "mqtt:// (the embedded broker speaks only 3.1.1).",
+    )
     bandwidth_mode: Literal["full", "summary", "alerts-only"] = Field(
         default="full",
         description="full: periodic Telemetry samples; summary: one Summary aggregate per interval; "
@@ -110,9 +135,35 @@ class AgentConfig(BaseModel):
         return self
 
     @property
+    def keystore_location(self) -> str:
+        """The keystore URL in effect: ``keystore_url`` or ``file:<state_dir>/keys``."""
+        return self.keystore_url or f"file:{self.state_dir / 'keys'}"
+
+    @property
     def device_token_path(self) -> Path:
         """The device's API token for the control plane (written at enrollment; sent when present)."""
         return self.state_dir / "keys" / "device.token"
+
+    @property
+    def device_cert_path(self) -> Path:
+        """The device's client certificate from the fleet CA (``edgewise device enroll`` writes it)."""
+        return self.state_dir / "keys" / "device.crt"
+
+    @property
+    def ca_cert_path(self) -> Path:
+        """The fleet CA certificate: the only issuer the agent accepts for the broker's TLS certificate."""
+        return self.state_dir / "keys" / "ca.crt"
+
+    @property
+    def tuf_root_path(self) -> Path:
+        """The device's trusted TUF root metadata (installed at provisioning): ``root.json`` in the trust directory."""
+        trust = self.trust_path
+        return (trust.parent if trust.is_file() else trust) / "root.json"
+
+    @property
+    def tuf_cache_dir(self) -> Path:
+        """TUF metadata this device has verified (what lets it notice replayed older versions)."""
+        return self.state_dir / "tuf"
 
     @property
     def trust_path(self) -> Path:

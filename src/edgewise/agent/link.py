@@ -14,6 +14,17 @@ retained. The last will is the same state with ``status="offline"``.
 Whatever arrives is decoded with ``protocol.decode_for_topic``; a message that
 does not follow the protocol is handed to ``on_bad_message`` and never raises
 into paho, so garbage on the wire cannot take the session down.
+
+With ``protocol`` 5 (the default on mqtts://, i.e. Mosquitto or EMQX with mutual TLS)
+a broker that refuses a publish (Mosquitto's ACL: a device may write only under its
+own topics) says so with a reason code in the PUBACK: the link logs it, counts it
+(``publish_denied``) and reports the publish as not delivered. A broker that answers
+"unsupported protocol version" gets 3.1.1 from the next attempt on. Plain mqtt://
+defaults to 3.1.1, because the embedded amqtt broker does not even answer a v5
+CONNECT that carries a will (it drops it as malformed). With
+``tls_files`` the link does mutual TLS (the fleet CA, the device's certificate and
+key from enrollment); with ``credentials`` it logs in with its device id and
+device token (the embedded broker's per-device access).
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ from ..protocol import DesiredState, DeviceState, ProtocolError, decode_for_topi
 log = logging.getLogger("edgewise.agent.link")
 
 KEEPALIVE_S = 30
+UNSUPPORTED_PROTOCOL = 132  # MQTT v5 CONNACK reason "Unsupported Protocol Version"
+DENIAL_LOG_EVERY_S = 60.0  # a refused topic is logged at WARNING at most this often
 CONNECT_TIMEOUT_S = 5.0  # TCP connect
 CONNACK_TIMEOUT_S = 10.0  # a broker that accepts TCP but never answers CONNECT is as good as down
 
@@ -62,6 +75,9 @@ class Link:
         state: Callable[[], DeviceState],
         on_connect: Callable[[], None] | None = None,
         tls: bool = False,
+        tls_files: tuple[str, str, str] | None = None,
+        credentials: tuple[str, str] | None = None,
+        protocol: int | None = None,
         keepalive: int = KEEPALIVE_S,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
@@ -83,6 +99,14 @@ class Link:
         self.bad_messages = 0
         self.connects = 0
         self.last_error: str | None = None
+        self.tls_files = tls_files  # (fleet CA certificate, device certificate, device key)
+        self.credentials = credentials  # (device id, device token)
+        self.protocol = protocol if protocol is not None else (mqtt.MQTTv5 if tls else mqtt.MQTTv311)
+        self.publish_denied = 0  # publishes the broker refused with a reason code (MQTT v5)
+        self.last_denial: str | None = None
+        self._pub_reasons: dict[int, Any] = {}
+        self._denial_logged: dict[str, float] = {}
+        self._retry_now = False
 
     @property
     def connected(self) -> bool:
@@ -119,23 +143,32 @@ class Link:
     # -- supervisor -----------------------------------------------------------------------------
 
     def _new_client(self) -> mqtt.Client:
+        v5 = self.protocol == mqtt.MQTTv5
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.device_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=True,
+            protocol=self.protocol,
             reconnect_on_failure=False,
+            **({} if v5 else {"clean_session": True}),
         )
         client.connect_timeout = CONNECT_TIMEOUT_S
         client.enable_logger(logging.getLogger("edgewise.agent.link.mqtt"))  # packet trace at DEBUG
         if self.tls:
-            client.tls_set()
+            if self.tls_files is not None:
+                ca, cert, key = self.tls_files
+                client.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
+            else:
+                client.tls_set()
+        if self.credentials is not None:
+            client.username_pw_set(*self.credentials)
+        self._pub_reasons.clear()
+        client.on_publish = self._handle_publish
         offline = self._state().model_copy(update={"status": "offline", "ts": time.time()})
         client.will_set(topics.state(self.device_id), encode(offline), qos=1, retain=True)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
-        client.on_subscribe = lambda *args: self._subscribed.set()
+        client.on_subscribe = self._handle_subscribe
         return client
 
     def _supervise(self) -> None:
@@ -144,7 +177,10 @@ class Link:
             client = self._new_client()
             self._session_over.clear()
             try:
-                client.connect(self.host, self.port, keepalive=self.keepalive)
+                if self.protocol == mqtt.MQTTv5:
+                    client.connect(self.host, self.port, keepalive=self.keepalive, clean_start=True)
+                else:
+                    client.connect(self.host, self.port, keepalive=self.keepalive)
             except Exception as exc:  # OSError mostly; paho raises a few others on odd sockets
                 self.last_error = f"cannot connect to {self.host}:{self.port}: {exc}"
                 # The first failure of a streak is news; the next hundred are not.
@@ -171,6 +207,9 @@ class Link:
                     attempt = 0  # a session that got through resets the backoff
             if self._stop.is_set():
                 break
+            if self._retry_now:  # protocol fallback: not a failure, try again at once
+                self._retry_now = False
+                continue
             delay = backoff(attempt, base=self.backoff_base, cap=self.backoff_cap)
             attempt += 1
             log.debug("reconnecting in %.2fs (attempt %d)", delay, attempt)
@@ -181,6 +220,13 @@ class Link:
 
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if getattr(reason, "is_failure", False):
+            if self.protocol == mqtt.MQTTv5 and getattr(reason, "value", None) == UNSUPPORTED_PROTOCOL:
+                log.info("broker %s:%d does not speak MQTT v5; using 3.1.1 (no reason codes for refused publishes)",
+                         self.host, self.port)
+                self.protocol = mqtt.MQTTv311
+                self._retry_now = True
+                self._session_over.set()
+                return
             self.last_error = f"broker refused the connection: {reason}"
             log.warning("%s", self.last_error)
             self._session_over.set()
@@ -199,6 +245,29 @@ class Link:
                 self._on_connect_hook()
             except Exception:
                 log.exception("on_connect hook failed")
+
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        for reason in reasons or ():
+            if getattr(reason, "is_failure", False):
+                log.error("broker refused the subscription to %s: %s", topics.desired(self.device_id), reason)
+        self._subscribed.set()
+
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            self._pub_reasons[mid] = reason
+
+    def _denied(self, topic: str, reason: Any) -> None:
+        """Count and log a publish the broker refused (rate-limited per topic)."""
+        self.publish_denied += 1
+        code = getattr(reason, "value", reason)
+        self.last_denial = f"{topic}: {reason} (reason code {code:#04x})" if isinstance(code, int) else f"{topic}: {reason}"
+        now = time.monotonic()
+        level = logging.DEBUG
+        if now - self._denial_logged.get(topic, -DENIAL_LOG_EVERY_S) >= DENIAL_LOG_EVERY_S:
+            self._denial_logged[topic] = now
+            level = logging.WARNING
+        log.log(level, "broker refused publish on %s (%d refused so far; check the broker ACL)",
+                self.last_denial, self.publish_denied)
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if self._connected.is_set():
@@ -252,4 +321,8 @@ class Link:
                 info.wait_for_publish(min(0.1, remaining))
             except (RuntimeError, ValueError):
                 return False
+        reason = self._pub_reasons.pop(info.mid, None)
+        if reason is not None:
+            self._denied(topic, reason)
+            return False
         return True

@@ -47,7 +47,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import msgpack
 import zstandard
@@ -55,6 +55,9 @@ import zstandard
 from ..protocol import Event, Summary, Telemetry, topics
 from ..protocol.codec import COMPRESS_ABOVE, MAX_PAYLOAD
 from ..protocol.messages import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from ..security.encryption import RowSealer
 
 log = logging.getLogger("edgewise.agent.outbox")
 
@@ -139,8 +142,14 @@ class Outbox:
     """A bounded, prioritized, crash-safe queue of Telemetry and Event records."""
 
     def __init__(
-        self, path: Path, *, max_bytes: int = 16 * 2**20, synchronous: str = "NORMAL", sync_every_s: float = 1.0
+        self, path: Path, *, max_bytes: int = 16 * 2**20, synchronous: str = "NORMAL", sync_every_s: float = 1.0,
+        sealer: "RowSealer | None" = None,
     ) -> None:
+        """``sealer`` (``security.encryption.RowSealer``): store payloads encrypted, each bound to (device id, seq).
+
+        Rows stored before (plaintext msgpack) stay readable: a sealed row starts with 0xC1, which msgpack never uses.
+        """
+        self.sealer = sealer
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = Path(path)
@@ -282,7 +291,10 @@ class Outbox:
             encoded = []
             for seq, (kind, priority, d) in zip(seqs, rows):
                 d["seq"] = seq
-                encoded.append((seq, kind, priority, now, msgpack.packb(d, use_bin_type=True)))
+                payload = msgpack.packb(d, use_bin_type=True)
+                if self.sealer is not None and self.sealer.encrypt:
+                    payload = self.sealer.seal(seq, payload)
+                encoded.append((seq, kind, priority, now, payload))
             try:
                 self._write(encoded, make_room_on_disk_full=False)
             except _DiskFull:
@@ -430,8 +442,23 @@ class Outbox:
                     "SELECT seq, kind, priority, created, payload FROM records WHERE priority = ? ORDER BY seq LIMIT ?",
                     (p, n - len(out)),
                 ).fetchall()
-                out.extend(OutboxRecord(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows)
+                out.extend(OutboxRecord(r[0], r[1], r[2], r[3], self._plain(r[0], bytes(r[4]))) for r in rows)
         return out
+
+    def _plain(self, seq: int, payload: bytes) -> bytes:
+        """The msgpack bytes of a stored row: opened when sealed; b"" (dropped as unreadable by the drain) when it does not open."""
+        if payload[:1] != b"\xc1":
+            return payload
+        if self.sealer is None:
+            log.error("outbox row seq %d is encrypted but the outbox has no key to open it; it will be dropped", seq)
+            return b""
+        from ..security.encryption import EncryptionError
+
+        try:
+            return self.sealer.open(seq, payload)
+        except EncryptionError as exc:
+            log.error("%s; dropping it", exc)
+            return b""
 
     def ack(self, seqs: Iterable[int]) -> int:
         """Remove records (by sequence number) the broker has acknowledged; return how many were removed.

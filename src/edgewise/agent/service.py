@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import __version__
 from ..protocol import DesiredState, DeviceState, Event, HardwareInfo, Summary, Telemetry, UpdateResult, encode, topics
+from . import sdnotify
 from .api import LocalApi
 from .config import AgentConfig
 from ..fsutil import atomic_write
@@ -86,8 +87,9 @@ class Agent:
         try:
             if not config.trust_path.is_file():  # a single key file is fine too
                 config.trust_path.mkdir(parents=True, exist_ok=True)
-            self.outbox = Outbox(self.state_dir / "outbox.db", max_bytes=config.outbox_max_bytes)
-            self.slots = Slots(self.state_dir / "slots")
+            self.keystore, slot_sealer, row_sealer, self._outbox_key_moved = _open_at_rest(config)
+            self.outbox = Outbox(self.state_dir / "outbox.db", max_bytes=config.outbox_max_bytes, sealer=row_sealer)
+            self.slots = Slots(self.state_dir / "slots", sealer=slot_sealer)
         except BaseException:
             _unlock(self._lock_fd)
             raise
@@ -96,16 +98,19 @@ class Agent:
         self.bandwidth_mode: str = config.bandwidth_mode
         self._summarize = config.bandwidth_mode == "summary"
         self._model: LoadedModel | None = None
+        fetcher = HttpFetcher(config.server_url, timeout=config.download_timeout_s, token_file=config.device_token_path)
         self.updater = Updater(
             self.slots,
             config.trust_path,
             downloads=self.state_dir / "downloads",
             activate=self._activate,
             current=lambda: self._model,
-            fetcher=HttpFetcher(config.server_url, timeout=config.download_timeout_s, token_file=config.device_token_path),
+            fetcher=fetcher,
             threads=config.threads,
             trial_starts=config.trial_starts,
             disk_margin=config.disk_margin_bytes,
+            tuf=_tuf_client(config, fetcher),
+            require_tuf=config.update_trust == "tuf",
         )
         self._link: Any = None
         self._api: LocalApi | None = None
@@ -123,6 +128,11 @@ class Agent:
         self._hardware: HardwareInfo | None = None
         self._started = False
         self._stopped = False
+        if self._outbox_key_moved is not None:  # the storage key changed: rows sealed before cannot be read
+            self._emit_event(
+                "outbox_key_replaced", f"the outbox key no longer unwraps with the storage key (was the key replaced?); moved it to "
+                f"{self._outbox_key_moved.name}; records sealed with it are dropped", severity="critical",
+            )
         if self.outbox.recovered_from is not None:  # a corrupt outbox was moved aside: say so, loudly
             self._emit_event(
                 "outbox_recovered", f"the outbox was corrupt and was moved aside to {self.outbox.recovered_from.name}; "
@@ -205,6 +215,7 @@ class Agent:
             raise AgentError("this agent was stopped; create a new Agent to start again")
         self._started = True
         cfg = self.config
+        self._check_own_code()  # first: nothing below runs on code that is not the signed release
         if self._model is None:
             model, problem = self.updater.load_committed()
             if model is not None:
@@ -232,11 +243,18 @@ class Agent:
         self._spawn("telemetry", self._telemetry_loop)
         addr = cfg.broker_address()
         if addr is not None:
+            from .enroll import LinkSecurityError, link_security
             from .link import Link  # lazy: a device without a broker never loads paho
 
             host, port, tls = addr
+            try:
+                tls_files, credentials = link_security(cfg)
+            except LinkSecurityError as exc:
+                self.stop()
+                raise AgentError(str(exc)) from None
             self._link = Link(
-                self.device_id, host, port, tls=tls,
+                self.device_id, host, port, tls=tls, tls_files=tls_files, credentials=credentials,
+                protocol={"5": 5, "3.1.1": 4}.get(cfg.mqtt_protocol),
                 on_desired=self._on_desired, on_bad_message=self._on_bad_message,
                 state=self.device_state, on_connect=self._flush_wake.set,
                 backoff_base=cfg.reconnect_base_s, backoff_cap=cfg.reconnect_cap_s,
@@ -244,6 +262,7 @@ class Agent:
             self._spawn("flusher", self._flush_loop)
             self._spawn("reconcile", self._reconcile_loop)
             self._link.start()
+        self._notify_systemd_ready()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish ``offline``, stop every thread, close the API and the outbox. Safe to call twice."""
@@ -252,6 +271,7 @@ class Agent:
         self._stopped = True
         self._stop.set()
         self._flush_wake.set()
+        sdnotify.notify("STOPPING=1")
         with self._desired_cv:
             self._desired_cv.notify_all()
         if self._link is not None:
@@ -292,6 +312,148 @@ class Agent:
                     self._stop.wait(1.0)
 
         return run
+
+    # -- own code: integrity, self-update, systemd (see selfupdate.py, integrity.py, launcher.py) --
+
+    restart_requested = False  # set when a new agent release is installed: run_agent exits 75 for the launcher
+
+    def _check_own_code(self) -> None:
+        """Refuse to run modified agent code: a critical ``integrity`` alert goes into the outbox (sent by
+        whichever env runs next, sharing this outbox), then :class:`IntegrityError` (exit 3: the launcher falls back)."""
+        from ..security import TrustedKeys
+        from .integrity import IntegrityError, check_running
+
+        try:
+            report = check_running(TrustedKeys.from_paths([self.config.trust_path]), self.config.integrity_check)
+        except IntegrityError as exc:
+            log.critical("%s", exc)
+            self._emit_event("integrity", str(exc), severity="critical", detail={"problems": exc.problems[:50], "agent_version": __version__})
+            self.stop()
+            raise
+        if report is None:
+            log.info("agent code integrity not checked (integrity_check=%s; not running from a signed release env)", self.config.integrity_check)
+        else:
+            log.info("agent code integrity: %d files match signed release %s (key %s)", report.files, report.version, report.key_id)
+        releases = self._releases()
+        if releases is not None:  # what the launcher decided while we were not running (rollbacks, fall backs)
+            for ev in releases.take_unreported():
+                bad = ev.get("event") in ("rolled_back", "fell_back")
+                self._emit_event(
+                    "agent_release", f"agent release {ev.get('version')} {ev.get('event')}" + (f": {ev.get('reason')}" if ev.get("reason") else ""),
+                    severity=("critical" if "integrity" in str(ev.get("reason", "")) else "error") if bad else "info", detail=ev,
+                )
+
+    def _releases(self) -> Any:
+        """The launcher's release store when a launcher supervises this agent (``$EDGEWISE_LAUNCHER``), else None."""
+        root = os.environ.get("EDGEWISE_LAUNCHER")
+        if not root:
+            return None
+        from .selfupdate import AgentReleases
+
+        return AgentReleases(root)
+
+    def _notify_systemd_ready(self) -> None:
+        """READY=1 once started (the launcher's trial health signal), then WATCHDOG=1 at half the watchdog period."""
+        sdnotify.notify(f"READY=1\nSTATUS=agent {__version__} serving {self._describe_model()}")
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            def ping() -> None:
+                while True:
+                    sdnotify.notify("WATCHDOG=1")
+                    if self._stop.wait(interval):
+                        return
+
+            self._spawn("watchdog", ping)
+
+    def install_agent_release(self, path: Path | str) -> str:
+        """Install a signed agent release beside the running one and ask the launcher to start it (exit 75).
+
+        Raises :class:`~edgewise.bundle.release.ReleaseError` / :class:`~edgewise.agent.selfupdate.SelfUpdateError`
+        with nothing changed when it is refused; returns the installed version.
+        """
+        releases = self._releases()
+        if releases is None:
+            raise AgentError("this agent runs without its launcher (edgewise-agent-launcher), which must start a new release; nothing installed")
+        from ..security import TrustedKeys
+
+        release = releases.install(path, TrustedKeys.from_paths([self.config.trust_path]), running_version=__version__)
+        self._emit_event("agent_release", f"agent release {release.version} installed; restarting into it", detail={"version": release.version, "sha256": release.sha256})
+        self.restart_requested = True
+        self._stop.set()  # run_agent notices, stops cleanly and exits 75
+        return release.version
+
+    def _reconcile_agent(self, desired: DesiredState) -> bool:
+        """Desired-state hook: fetch, verify and install the agent release it names; True when installed.
+
+        Only under the launcher (it starts the new env and rolls it back if unhealthy). A refused release
+        is reported once per version and not fetched again (selfupdate remembers rolled-back versions).
+        TUF (``updater.require_tuf``, the default): the signed target ``ref.target`` must exist with
+        ``custom.kind == "agent-release"`` and ``custom.version == ref.version``, and the download must have
+        the target's signed length and sha256 (never the desired state's); then the release signature and
+        version rules (``install_agent_release``). Without a TUF root nothing is installed.
+        """
+        ref = desired.agent
+        assert ref is not None
+        refused: set[str] = self.__dict__.setdefault("_agent_refused", set())  # versions already reported as refused
+        if ref.version == __version__ or self._releases() is None or ref.version in refused:
+            return False
+        st = self._releases().state()
+        if ref.version in (st.current, st.trial.version if st.trial else None) or ref.version in st.failed:
+            return False
+        dest = self.state_dir / "downloads" / f"agent-{ref.version}.ewr"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.updater.require_tuf:
+                self._fetch_agent_release_through_tuf(ref, dest)
+            else:
+                self.updater.fetcher.fetch(ref.artifact, dest)
+            self.install_agent_release(dest)
+            return True
+        except Exception as exc:  # refused or not fetched: keep running this agent, say why once
+            refused.add(ref.version)
+            self._emit_event("agent_release", f"agent release {ref.version} not installed: {exc}", severity="error",
+                             detail={"version": ref.version, "generation": desired.generation})
+            return False
+        finally:
+            dest.unlink(missing_ok=True)
+
+    def _fetch_agent_release_through_tuf(self, ref: Any, dest: Path) -> None:
+        """Download the agent release ``ref`` only as the signed TUF target it names; raise TufUpdateError/FetchError.
+
+        Length and sha256 come from the signed target info; the URL from the desired state (a mirror
+        or peer may serve it) or else the control plane's TUF target URL."""
+        from ..protocol import ArtifactRef
+        from .updater import FetchError, TufUpdateError
+
+        tuf = self.updater.tuf
+        try:
+            if tuf is None:
+                raise TufUpdateError(
+                    "no-root", f"this device has no trusted TUF root ({self.updater.trust_dir / 'root.json'}), so it installs no update; "
+                    "install the control plane's root.json there (edgewise agent --tuf-root FILE) or, for setups without TUF, "
+                    'set update_trust = "signature-only"', retryable=False,
+                )
+            if not ref.target:
+                raise TufUpdateError("no-target", "the desired state names no TUF target for the agent release (a control plane "
+                                     'older than TUF?); upgrade the control plane, or set update_trust = "signature-only"', retryable=False)
+            info = tuf.target_info(ref.target)
+            custom = info.custom or {}
+            if custom.get("kind") != "agent-release" or custom.get("version") != ref.version:
+                raise TufUpdateError(
+                    "target-mismatch", f"signed TUF target {ref.target} is {custom.get('kind') or 'not an agent release'} "
+                    f"{custom.get('version')}, the desired state asks for agent release {ref.version}; refusing", retryable=False,
+                )
+            url = ref.artifact.url if ref.artifact is not None else tuf.target_url(info)
+            signed = ArtifactRef(url=url, sha256=info.hashes["sha256"], size=info.length)
+            try:
+                self.updater.fetcher.fetch(signed, dest)
+            except FetchError as exc:
+                raise TufUpdateError("target-mismatch", f"download of TUF target {ref.target} failed: {exc}") from None
+            from .tuf_client import verify_target_file
+
+            verify_target_file(info, dest)
+        except TufUpdateError as exc:
+            raise AgentError(f"TUF refused the agent release ({exc.kind}): {exc}") from None
 
     # -- installing -----------------------------------------------------------------------------
 
@@ -441,11 +603,13 @@ class Agent:
             "inferences": mon.inferences,
             "errors": mon.errors,
             "bad_messages": mon.bad_messages,
+            "publish_denied": self._link.publish_denied if self._link is not None else 0,
             "generation": self._converged_generation,
             "last_update": self._last_update.model_dump(mode="json") if self._last_update else None,
             "uptime_s": round(mon.uptime_s(), 3),
             "bandwidth_mode": self.bandwidth_mode,
             "bytes_sent": dict(mon.bytes_sent),
+            "agent_version": __version__,
         }
 
     def _metrics_status(self) -> dict[str, Any]:
@@ -564,6 +728,8 @@ class Agent:
         gen = desired.generation
         if self._converged_generation is not None and gen < self._converged_generation:
             return False
+        if desired.agent is not None and self._reconcile_agent(desired):
+            return False  # a new agent release is installed: we are stopping to restart into it
         m = self._model
         if desired.model is None and desired.version is None:
             self._converged_generation = gen  # nothing asked of the model: converged as we are
@@ -597,6 +763,48 @@ class Agent:
             self._retrying_generation = None
             self._record_update(result, source="desired")
         return retryable
+
+
+def _tuf_client(config: AgentConfig, fetcher: HttpFetcher) -> Any:
+    """The TUF client when the device has a trusted root and a server (imported only then: lean agents stay lean)."""
+    if config.update_trust != "tuf" or config.server_url is None or not config.tuf_root_path.is_file():
+        if config.update_trust == "tuf" and not config.tuf_root_path.is_file():
+            log.warning(
+                "no TUF root at %s: updates from the control plane will be refused until it is installed "
+                '(edgewise agent --tuf-root FILE), or set update_trust = "signature-only"', config.tuf_root_path,
+            )
+        return None
+    from .tuf_client import TufClient
+
+    return TufClient(
+        config.tuf_root_path, config.tuf_cache_dir, config.server_url, headers=fetcher.headers, timeout=config.download_timeout_s,
+    )
+
+
+STORAGE_KEY = "storage"
+
+
+def _open_at_rest(config: AgentConfig) -> tuple[Any, Any, Any, Path | None]:
+    """Open the keystore, create the ``storage`` key on first start, and build the slot and outbox sealers.
+
+    Returns (keystore, SlotSealer, RowSealer, where an unreadable old outbox key was moved or None).
+    """
+    from ..security.encryption import RowSealer, load_or_replace_data_key
+    from ..security.keystore import KeystoreError, open_keystore
+    from .slots import SlotSealer
+
+    try:
+        keystore = open_keystore(config.keystore_location)
+        if not keystore.has_key(STORAGE_KEY):
+            keystore.create_key(STORAGE_KEY, "aes-256")
+            log.info("created the storage key %r in %s", STORAGE_KEY, keystore.url)
+        key, moved = load_or_replace_data_key(
+            keystore, STORAGE_KEY, config.state_dir / "outbox.key", f"edgewise-outbox/1;device={config.device_id}"
+        )
+    except KeystoreError as exc:
+        raise AgentError(f"cannot use the keystore {config.keystore_location}: {exc}") from None
+    slot_sealer = SlotSealer(keystore, config.device_id, STORAGE_KEY, encrypt=config.encrypt_at_rest)
+    return keystore, slot_sealer, RowSealer(key, config.device_id, encrypt=config.encrypt_at_rest), moved
 
 
 def _lock_state_dir(state_dir: Path) -> Any:
@@ -636,14 +844,19 @@ def run_agent(config: AgentConfig, *, stop: threading.Event | None = None) -> in
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handle)
     agent: Agent | None = None
+    from .integrity import IntegrityError
+    from .selfupdate import EXIT_INTEGRITY, EXIT_RESTART
+
     try:
         agent = Agent(config)
         agent.start()
-        while not done.wait(0.5):
+        while not done.wait(0.5) and not agent.restart_requested:
             pass
+    except IntegrityError:
+        return EXIT_INTEGRITY  # already logged and queued as a critical alert
     finally:
         if agent is not None:
             agent.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return EXIT_RESTART if agent is not None and agent.restart_requested else 0

@@ -11,6 +11,16 @@ staged into the slot that is *not* committed, so staging cannot damage the
 running model. A slot is only ever loaded if ``state.json`` records it as
 committed (now or previously) with the sha256 it had then, so a half-written or
 staged-but-never-committed slot is never run.
+
+Encryption at rest (``SlotSealer``): with a sealer, ``stage`` writes the bundle
+encrypted (``security.encryption``: chunked AES-256-GCM, bound to the device,
+the slot and the purpose) and ``bundle()`` returns a path that decrypts itself
+into memory for ``verify_bundle``; the plaintext never touches the disk. The
+recorded sha256 stays the one of the *plaintext* bundle (what TUF and the
+registry name). Plaintext slots written before encryption was turned on stay
+readable and are sealed in place when a sealer that encrypts is attached
+(``seal_plaintext_slots``), so an upgraded device keeps its model and loses the
+plaintext copy.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from ..fsutil import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
     from ..bundle import Manifest
+    from ..security.keystore import Keystore
 
 log = logging.getLogger("edgewise.agent.slots")
 
@@ -92,14 +103,110 @@ class TrialRecord:
         return SlotRecord(self.slot, self.model, self.version, self.sha256)
 
 
+@dataclass(frozen=True)
+class SlotSealer:
+    """How slot bundles are encrypted: the keystore and storage key label, the device they are bound to.
+
+    ``encrypt`` false still opens sealed slots (turning encryption off must not
+    strand the committed model) but stages new bundles in plaintext.
+    """
+
+    keystore: "Keystore"
+    device_id: str
+    key_label: str = "storage"
+    encrypt: bool = True
+    chunk_size: int = 1 << 20
+
+    def context(self, slot: str) -> str:
+        return f"edgewise-model/1;device={self.device_id};slot={slot}"
+
+    def open(self, path: Path, slot: str, digest_tail: int | None = None) -> tuple[bytearray, Any]:
+        """Decrypt into memory; with ``digest_tail``, also the sha256 of all but the last ``digest_tail`` bytes."""
+        from ..security.encryption import open_sealed_digest
+
+        return open_sealed_digest(path, keystore=self.keystore, context=self.context(slot), name=f"slot {slot} ({path.name})",
+                                  digest_tail=digest_tail)
+
+    def seal(self, src: Path, dest: Path, slot: str) -> None:
+        from ..security.encryption import seal_file
+
+        seal_file(src, dest, keystore=self.keystore, key_label=self.key_label, context=self.context(slot), chunk_size=self.chunk_size)
+
+
+class SealedSlotBundle(type(Path())):  # type: ignore[misc]
+    """An encrypted slot bundle: still a Path (exists, stat, compare), plus ``read_plaintext`` for ``verify_bundle``."""
+
+    _opener: Any = None
+
+    def __new__(cls, path: Path, opener: Any = None) -> "SealedSlotBundle":
+        self = super().__new__(cls, path)
+        self._opener = opener
+        return self
+
+    def read_plaintext(self) -> bytes | bytearray:
+        """Decrypt into memory (raises ``EncryptionError`` naming what was wrong)."""
+        return self.read_plaintext_digest(None)[0]
+
+    def read_plaintext_digest(self, digest_tail: int | None) -> tuple[bytes | bytearray, Any]:
+        """Decrypt into memory and hash all but the last ``digest_tail`` bytes on the way (what a bundle signature covers)."""
+        if self._opener is None:  # a path derived from this one (parent, with_name): nothing to decrypt with
+            return Path(self).read_bytes(), None
+        return self._opener(Path(self), digest_tail)
+
+
+def _agent_sealer(slots_root: Path) -> SlotSealer:
+    """Read-only sealer for ``state_dir/slots`` from the agent's ``state_dir/config.toml`` (device id, keystore URL)."""
+    import tomllib
+
+    from ..security.encryption import EncryptionError
+    from ..security.keystore import KeystoreError, open_keystore
+
+    state = Path(slots_root).parent
+    try:
+        values = tomllib.loads((state / "config.toml").read_text(encoding="utf-8"))
+        device_id = str(values["device_id"])
+        keystore = open_keystore(values.get("keystore_url") or f"file:{state / 'keys'}")
+    except (OSError, ValueError, KeyError, KeystoreError) as exc:
+        raise EncryptionError(
+            f"{slots_root}: the slot is encrypted and no keystore is known for it ({type(exc).__name__}: {exc}); "
+            "open it through the agent (Slots(..., sealer=SlotSealer(keystore, device_id)))"
+        ) from None
+    return SlotSealer(keystore, device_id, encrypt=False)
+
+
 class Slots:
     """The two model slots of a device and the record of which one is committed."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sealer: SlotSealer | None = None) -> None:
         self.root = Path(root)
         for name in SLOT_NAMES:
             (self.root / name).mkdir(parents=True, exist_ok=True)
         self._state_path = self.root / STATE_FILE
+        self.sealer = sealer
+        if sealer is not None and sealer.encrypt:
+            self.seal_plaintext_slots()
+
+    def seal_plaintext_slots(self) -> list[str]:
+        """Encrypt, in place and durably, slot bundles stored in plaintext (before encryption was on); return the slots sealed.
+
+        A slot that cannot be sealed (disk full, keystore down) is left as it is and stays readable.
+        """
+        from ..security.encryption import EncryptionError, is_sealed
+
+        done: list[str] = []
+        if self.sealer is None or not self.sealer.encrypt:
+            return done
+        for name in SLOT_NAMES:
+            path = self._bundle_file(name)
+            if not path.exists() or is_sealed(path):
+                continue
+            try:
+                self.sealer.seal(path, path, name)
+                done.append(name)
+                log.info("slot %s: sealed the plaintext bundle in place (encryption at rest)", name)
+            except (OSError, EncryptionError) as exc:
+                log.error("slot %s: cannot seal the plaintext bundle, it stays readable in plaintext: %s", name, exc)
+        return done
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -142,16 +249,34 @@ class Slots:
             raise SlotError(f"unknown slot {slot!r}; slots are {SLOT_NAMES}")
         return self.root / slot
 
+    def _bundle_file(self, slot: str) -> Path:
+        return self.slot_dir(slot) / BUNDLE_FILE
+
     def bundle(self, slot: str | Path) -> Path:
-        """The bundle file inside a slot (given by name or directory)."""
-        return self.slot_dir(self._slot_name(slot)) / BUNDLE_FILE
+        """The bundle file inside a slot (given by name or directory).
+
+        An encrypted one comes back as a :class:`SealedSlotBundle`, which ``verify_bundle`` decrypts into memory.
+        """
+        name = self._slot_name(slot)
+        path = self._bundle_file(name)
+        from ..security.encryption import is_sealed
+
+        if is_sealed(path):
+            return SealedSlotBundle(path, lambda p, tail: self._reader().open(p, name, tail))
+        return path
+
+    def _reader(self) -> SlotSealer:
+        """The sealer that opens sealed slots: ours, or (Slots opened by a tool on an agent's state dir) the agent's."""
+        if self.sealer is None:
+            self.sealer = _agent_sealer(self.root)
+        return self.sealer
 
     def committed(self) -> Path | None:
         """Directory of the committed slot, or None if nothing was ever committed (or its bundle is gone)."""
         rec = self.record()
         if rec is None:
             return None
-        return self.slot_dir(rec.slot) if self.bundle(rec.slot).exists() else None
+        return self.slot_dir(rec.slot) if self._bundle_file(rec.slot).exists() else None
 
     def inactive(self) -> str:
         """The slot a new bundle goes into: the one not committed."""
@@ -178,8 +303,20 @@ class Slots:
             if trial is not None and trial.slot == slot:
                 state["trial"] = None  # a new bundle replaces the one on trial
             self._write_state(state)
-        dest = self.bundle(slot)
+        dest = self._bundle_file(slot)
         part = dest.with_name(BUNDLE_FILE + ".part")
+        if self.sealer is not None and self.sealer.encrypt:
+            from ..security.encryption import EncryptionError
+
+            try:
+                dest.unlink(missing_ok=True)
+                self.sealer.seal(Path(bundle_file), dest, slot)  # via bundle.ewb.part, fsynced, renamed
+            except OSError as exc:
+                part.unlink(missing_ok=True)
+                raise SlotError(f"cannot stage {bundle_file} into slot {slot}: {exc.strerror or exc}; free some disk space") from None
+            except EncryptionError as exc:
+                raise SlotError(f"cannot stage {bundle_file} into slot {slot}: encryption failed: {exc}") from None
+            return dest.parent
         try:
             dest.unlink(missing_ok=True)
             with open(bundle_file, "rb") as src, open(part, "wb") as dst:
@@ -201,9 +338,13 @@ class Slots:
         """
         slot = self._slot_name(slot_or_path)
         if not sha256:
+            import hashlib
+
             from ..bundle import sha256_file
 
-            sha256 = sha256_file(self.bundle(slot))
+            path = self.bundle(slot)
+            read = getattr(path, "read_plaintext", None)
+            sha256 = hashlib.sha256(read()).hexdigest() if read is not None else sha256_file(path)
         return self._commit(slot, manifest.name, manifest.version, sha256)
 
     def _commit(self, slot: str, model: str, version: str, sha256: str) -> SlotRecord:

@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from ..bundle import BundleError, VerifiedBundle, semver_key, verify_bundle
@@ -26,6 +26,11 @@ from ..security import KeyFileError, TrustedKeys
 from .golden import check_golden
 from .runtime import LoadedModel, ModelLoadError
 from .slots import SlotError, SlotRecord, Slots, TrialRecord
+
+if TYPE_CHECKING:
+    from tuf.api.metadata import TargetFile
+
+    from .tuf_client import TufClient
 
 log = logging.getLogger("edgewise.agent.updater")
 
@@ -51,6 +56,16 @@ def _fault_point(step: str) -> None:
 
 class FetchError(RuntimeError):
     """The artifact could not be fetched (network, server, wrong bytes). Retrying later may help."""
+
+
+class TufUpdateError(RuntimeError):
+    """TUF refused (or could not check) an update; ``kind`` names the class of failure (rollback, freeze,
+    mix-and-match, signature, endless-data, unreachable, ...), the message what to do. See ``agent.tuf_client``."""
+
+    def __init__(self, kind: str, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retryable = retryable
 
 
 class Fetcher(Protocol):
@@ -222,8 +237,15 @@ class Updater:
         threads: int | None = None,
         trial_starts: int = 1,
         disk_margin: int = DISK_MARGIN,
+        tuf: "TufClient | None" = None,
+        require_tuf: bool = False,
     ) -> None:
         self.slots = slots
+        # TUF gates updates from a desired state: with a client, only a target the signed TUF metadata lists
+        # (length, sha256, and ``rollback`` in its signed custom data) is installed; ``require_tuf`` without a
+        # client (a device with no trusted root.json) refuses every such update instead of trusting signatures alone.
+        self.tuf = tuf
+        self.require_tuf = require_tuf or tuf is not None
         self.trial_starts = max(1, int(trial_starts))
         self.disk_margin = disk_margin
         self.startup_result: UpdateResult | None = None  # what load_committed did to a trial, for the agent to report
@@ -417,28 +439,75 @@ class Updater:
         current = self._current()
         if current is not None and (current.name, current.version) == (want_model, want_version):
             return _result(gen, want_model, want_version, "ok", "already running"), False
-        if not want_model or not want_version or desired.artifact is None:
+        if not want_model or not want_version or (desired.artifact is None and not self.require_tuf):
             return _result(gen, want_model, want_version, "failed", "desired state names no model, version and artifact; nothing to fetch"), False
         if self.fetcher is None:
             return _result(gen, want_model, want_version, "failed", "the agent has no server URL to fetch from; start it with --server"), False
-        refusal = self._rollback_refusal(want_model, want_version, desired.rollback)
+        tuf_info = None
+        if self.require_tuf:
+            try:
+                tuf_info, artifact = self._tuf_artifact(desired)
+            except TufUpdateError as exc:
+                return _result(gen, want_model, want_version, "failed", f"TUF refused the update ({exc.kind}): {exc}"), exc.retryable
+            # Only the signed target may allow a downgrade; the desired state's own flag is unsigned.
+            allow_rollback = (tuf_info.custom or {}).get("rollback") is True
+        else:
+            assert desired.artifact is not None
+            artifact, allow_rollback = desired.artifact, desired.rollback
+        refusal = self._rollback_refusal(want_model, want_version, allow_rollback)
         if refusal:
             return _result(gen, want_model, want_version, "failed", refusal), False
-        dest = self.downloads / f"{desired.artifact.sha256}.ewb"
+        dest = self.downloads / f"{artifact.sha256}.ewb"
         self._forget_other_downloads(keep=dest)
-        refusal = self._disk_refusal(desired.artifact, dest, f"{want_model} {want_version}")
+        refusal = self._disk_refusal(artifact, dest, f"{want_model} {want_version}")
         if refusal:
             return _result(gen, want_model, want_version, "failed", refusal), True  # space may be freed later
         try:
-            path = self.fetcher.fetch(desired.artifact, dest)
+            path = self.fetcher.fetch(artifact, dest)
+            if tuf_info is not None:
+                from .tuf_client import verify_target_file
+
+                verify_target_file(tuf_info, path)
+        except TufUpdateError as exc:
+            dest.unlink(missing_ok=True)
+            return _result(gen, want_model, want_version, "failed", f"TUF refused the download ({exc.kind}): {exc}"), True
         except FetchError as exc:
-            return _result(gen, want_model, want_version, "failed", f"download failed: {exc}"), True
+            what = f" of TUF target {tuf_info.path}" if tuf_info is not None else ""
+            return _result(gen, want_model, want_version, "failed", f"download{what} failed: {exc}"), True
         except OSError as exc:
             return _result(gen, want_model, want_version, "failed", f"download failed: cannot write {dest}: {exc.strerror or exc}"), True
         try:
-            return self._install_file(path, expect=(want_model, want_version), generation=gen, allow_rollback=desired.rollback), False
+            return self._install_file(path, expect=(want_model, want_version), generation=gen, allow_rollback=allow_rollback), False
         finally:
             dest.unlink(missing_ok=True)
+
+    def _tuf_artifact(self, desired: DesiredState) -> tuple["TargetFile", ArtifactRef]:
+        """The signed TUF info of the target the desired state names, and what to download (size and sha256 from TUF).
+
+        The bytes may come from the desired state's URL (a mirror or peer) or the
+        control plane's TUF target URL: either way they must match the signed length
+        and sha256, never the desired state's unsigned ones.
+        """
+        if self.tuf is None:
+            raise TufUpdateError(
+                "no-root", f"this device has no trusted TUF root ({self.trust_dir / 'root.json'}), so it installs no update; "
+                "install the control plane's root.json there (edgewise agent --tuf-root FILE) or, for setups without TUF, "
+                'set update_trust = "signature-only"', retryable=False,
+            )
+        if not desired.target:
+            raise TufUpdateError(
+                "no-target", "the desired state names no TUF target (a control plane older than TUF?); upgrade the control "
+                'plane, or set update_trust = "signature-only" on this device', retryable=False,
+            )
+        info = self.tuf.target_info(desired.target)
+        custom = info.custom or {}
+        if (custom.get("model"), custom.get("version")) != (desired.model, desired.version):
+            raise TufUpdateError(
+                "target-mismatch", f"signed TUF target {desired.target} is {custom.get('model')} {custom.get('version')}, "
+                f"the desired state asks for {desired.model} {desired.version}; refusing", retryable=False,
+            )
+        url = desired.artifact.url if desired.artifact is not None else self.tuf.target_url(info)
+        return info, ArtifactRef(url=url, sha256=info.hashes["sha256"], size=info.length)
 
     def _forget_other_downloads(self, keep: Path) -> None:
         """Partial downloads of artifacts no longer wanted would only fill the disk."""

@@ -18,7 +18,7 @@ def create(
     name: str = typer.Option(..., "--name", help="Model name, e.g. digits."),
     version: str = typer.Option(..., "--version", help="Semantic version, e.g. 1.0.0."),
     key: Path = typer.Option(..., "--key", help="Private signing key (edgewise keys generate)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output file [default: NAME-VERSION.ewb]."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output file (default: NAME-VERSION.ewb)."),
     labels: Path | None = typer.Option(None, "--labels", help="Text file, one class label per line."),
     preprocessing: Path | None = typer.Option(None, "--preprocessing", help="JSON preprocessing spec."),
     description: str = typer.Option("", "--description"),
@@ -27,13 +27,13 @@ def create(
         None, "--variant-of", help="`edgewise optimize` output folder (or report.json) MODEL came from: "
         "links the variant to its model version with its profile figures and tuned runtime settings.",
     ),
-    variant: str | None = typer.Option(None, "--variant", help="Variant name [default: the optimize candidate's name]."),
+    variant: str | None = typer.Option(None, "--variant", help="Variant name (default: the optimize candidate's name)."),
     golden: Path | None = typer.Option(
         None, "--golden", exists=True, dir_okay=False,
         help="NPZ of golden inputs (one array per model input, samples along axis 0, before preprocessing): "
         "the model is run on them now and the agent checks a new model against the outputs before committing it.",
     ),
-    golden_atol: float | None = typer.Option(None, "--golden-atol", help="Absolute tolerance of the golden check [default: 1e-4]."),
+    golden_atol: float | None = typer.Option(None, "--golden-atol", help="Absolute tolerance of the golden check (default: 1e-4)."),
     golden_latency_ms: float | None = typer.Option(None, "--golden-latency-ms", help="Median latency budget per golden sample, ms."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:

@@ -21,7 +21,7 @@ import typer
 
 from ._util import fail, print_json
 
-_MODEL_HELP = "Built-in example: digits-cnn, digits-mlp or basicmotions-cnn [default: digits-cnn]."
+_MODEL_HELP = "Built-in example: digits-cnn, digits-mlp or basicmotions-cnn (default: digits-cnn)."
 _MODULE_HELP = "Your model: pkg.module:factory, a callable returning an nn.Module (needs --data)."
 _DATA_HELP = ".npz with x_train, y_train, x_test, y_test (inputs in the model's layout, integer labels)."
 
@@ -94,7 +94,7 @@ def compress(
     target_macs: float | None = typer.Option(None, "--target-macs", help="Instead of --ratio: keep at most this fraction (<1) or count (>=1) of MACs."),
     steps: int = typer.Option(1, "--steps", min=1, help="Iterative pruning steps (fine-tuned in between)."),
     recover: str = typer.Option("distill", "--recover", help="distill (original teaches pruned), finetune, or none."),
-    epochs: int | None = typer.Option(None, "--epochs", min=0, help="Epochs of recovery after pruning [default: half the model's training schedule]."),
+    epochs: int | None = typer.Option(None, "--epochs", min=0, help="Epochs of recovery after pruning (default: half the model's training schedule)."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate of recovery."),
     temperature: float = typer.Option(4.0, "--temperature", help="Distillation temperature T."),
     alpha: float = typer.Option(0.7, "--alpha", help="Weight of the distillation term (1-alpha: cross-entropy)."),
@@ -102,11 +102,11 @@ def compress(
     skip_optimize: bool = typer.Option(False, "--skip-optimize", help="Stop after export (no ONNX Runtime optimization)."),
     profile: str | None = typer.Option(None, "--profile", help="Device profile for the optimize step (name or file)."),
     max_accuracy_drop: float = typer.Option(0.01, "--max-accuracy-drop", help="Optimize: largest accepted accuracy drop."),
-    recipe: list[str] | None = typer.Option(None, "--recipe", help="Optimize: recipe to try (repeatable) [default: all]."),
-    out_dir: Path | None = typer.Option(None, "--out-dir", "-o", help="Where ONNX files and report.json/.md go [default: NAME-compressed]."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Training batch size [default: the model's]."),
+    recipe: list[str] | None = typer.Option(None, "--recipe", help="Optimize: recipe to try (repeatable) (default: all)."),
+    out_dir: Path | None = typer.Option(None, "--out-dir", "-o", help="Where ONNX files and report.json/.md go (default: NAME-compressed)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Training batch size (default: the model's)."),
     seed: int = typer.Option(0, "--seed"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads for training [default: torch's choice]."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads for training (default: torch's choice)."),
     latency_runs: int = typer.Option(200, "--latency-runs", min=1, help="ONNX Runtime calls timed per stage."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -144,15 +144,15 @@ def prune(
     ratio: float = typer.Option(0.5, "--ratio", help="Fraction of channels to remove from each layer, 0 < r < 1."),
     target_macs: float | None = typer.Option(None, "--target-macs", help="Instead of --ratio: keep at most this fraction (<1) or count (>=1) of MACs."),
     steps: int = typer.Option(1, "--steps", min=1, help="Iterative pruning steps, each followed by fine-tuning."),
-    epochs: int | None = typer.Option(None, "--epochs", min=0, help="Fine-tuning epochs after each step [default: half the model's training schedule]."),
+    epochs: int | None = typer.Option(None, "--epochs", min=0, help="Fine-tuning epochs after each step (default: half the model's training schedule)."),
     lr: float = typer.Option(1e-3, "--lr", help="Fine-tuning learning rate."),
     importance: str = typer.Option("l2", "--importance", help="Channel ranking: l2 or l1 group magnitude."),
     global_pruning: bool = typer.Option(False, "--global", help="Rank channels of all layers together."),
     unstructured: float | None = typer.Option(None, "--unstructured", help="Also zero this fraction of weights (l1, unstructured) to compare."),
-    out_dir: Path | None = typer.Option(None, "--out-dir", "-o", help="Where ONNX files and report.json/.md go [default: NAME-pruned]."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Training batch size [default: the model's]."),
+    out_dir: Path | None = typer.Option(None, "--out-dir", "-o", help="Where ONNX files and report.json/.md go (default: NAME-pruned)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Training batch size (default: the model's)."),
     seed: int = typer.Option(0, "--seed"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads for training [default: torch's choice]."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads for training (default: torch's choice)."),
     latency_runs: int = typer.Option(200, "--latency-runs", min=1, help="ONNX Runtime calls timed per stage."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -186,16 +186,16 @@ def distill(
     data: Path | None = typer.Option(None, "--data", help=_DATA_HELP),
     weights: Path | None = typer.Option(None, "--weights", help="Teacher state_dict file (torch.save)."),
     train_epochs: int | None = typer.Option(None, "--train-epochs", min=0, help="Train the teacher first [built-in: its schedule unless --weights]."),
-    student: str | None = typer.Option(None, "--student", help="Student: pkg.module:factory [default: the teacher's family at --student-width]."),
+    student: str | None = typer.Option(None, "--student", help="Student: pkg.module:factory (default: the teacher's family at --student-width)."),
     student_width: float = typer.Option(0.5, "--student-width", help="Width multiplier of the default student (factory must take width=)."),
     temperature: float = typer.Option(4.0, "--temperature", help="Softening temperature T (> 0)."),
     alpha: float = typer.Option(0.9, "--alpha", help="Weight of the distillation term, 0..1 (1-alpha: cross-entropy)."),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Student training epochs, both runs [default: the model's schedule]."),
-    lr: float | None = typer.Option(None, "--lr", help="Student learning rate [default: the model's]."),
-    out_dir: Path | None = typer.Option(None, "--out-dir", "-o", help="Where ONNX files and report.json/.md go [default: NAME-distilled]."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Training batch size [default: the model's]."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Student training epochs, both runs (default: the model's schedule)."),
+    lr: float | None = typer.Option(None, "--lr", help="Student learning rate (default: the model's)."),
+    out_dir: Path | None = typer.Option(None, "--out-dir", "-o", help="Where ONNX files and report.json/.md go (default: NAME-distilled)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Training batch size (default: the model's)."),
     seed: int = typer.Option(0, "--seed"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads for training [default: torch's choice]."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads for training (default: torch's choice)."),
     latency_runs: int = typer.Option(200, "--latency-runs", min=1, help="ONNX Runtime calls timed per stage."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:

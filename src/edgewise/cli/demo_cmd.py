@@ -26,7 +26,7 @@ def demo(
     agents: int = typer.Option(3, "--agents", "-n", min=1, max=50, help="Number of agent processes."),
     samples: int = typer.Option(60, "--samples", min=1, help="Held-out digits each agent classifies per version."),
     port: int = typer.Option(8000, "--port", help="Control plane HTTP port (the dashboard)."),
-    workdir: Path | None = typer.Option(None, "--workdir", help="Keep all files here [default: a temporary folder]."),
+    workdir: Path | None = typer.Option(None, "--workdir", help="Keep all files here (default: a temporary folder)."),
     keep_running: bool = typer.Option(False, "--keep-running", help="Leave the fleet up with the dashboard until Ctrl-C."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:

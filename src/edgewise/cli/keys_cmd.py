@@ -14,7 +14,7 @@ app = typer.Typer(help="Signing keys (Ed25519).", no_args_is_help=True)
 @app.command("generate")
 def generate(
     out: Path = typer.Option(Path("signing.key"), "--out", "-o", help="Private key file (written 0600)."),
-    public: Path | None = typer.Option(None, "--public", help="Public key file [default: OUT with .pub]."),
+    public: Path | None = typer.Option(None, "--public", help="Public key file (default: OUT with .pub)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bundle_cmd, keys_cmd
+from . import bundle_cmd, keys_cmd, release_cmd
 
 app = typer.Typer(
     name="edgewise",
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.add_typer(keys_cmd.app, name="keys")
 app.add_typer(bundle_cmd.app, name="bundle")
+app.add_typer(release_cmd.app, name="release")
 
 
 @app.command("version")
@@ -39,6 +40,16 @@ def _register() -> None:
     app.command("prune")(compress_cmd.prune)
     app.command("distill")(compress_cmd.distill)
     app.command("compress")(compress_cmd.compress)
+    from . import tuf_cmd
+
+    app.add_typer(tuf_cmd.app, name="tuf")
+    from . import device_cmd
+
+    app.add_typer(device_cmd.app, name="device")
+    from . import access_cmd
+
+    app.add_typer(access_cmd.user_app, name="user")
+    app.add_typer(access_cmd.token_app, name="token")
 
 
 _register()

@@ -29,9 +29,9 @@ def optimize(
                                             help="Largest allowed drop vs FP32 in the metric's units (accuracy: fraction, 0.01 = 1 point)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: variants, report.json, report.md, pareto.png."),
     metric: str | None = typer.Option(None, "--metric",
-                                      help="accuracy | top1_agreement | cosine | max_abs_err [default: chosen from the model and labels]."),
+                                      help="accuracy | top1_agreement | cosine | max_abs_err (default: chosen from the model and labels)."),
     measure_here: bool | None = typer.Option(None, "--measure-here/--no-measure-here",
-                                             help="Declare this machine the target (or not) [default: decided from the profile]."),
+                                             help="Declare this machine the target (or not) (default: decided from the profile)."),
     recipe: list[str] | None = typer.Option(None, "--recipe", "-r", help="Only these recipes (repeatable); FP32 is always included."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
 ) -> None:

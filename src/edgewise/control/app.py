@@ -8,13 +8,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
-from .api import api_router
+from .api import API_PREFIX, api_router
+from .api import tuf as tuf_api
+from .audit import AuditMiddleware
+from .auth import PUBLIC, enforce_declared_rule
 from .errors import ControlError
 from .services import ControlServices
 from .settings import ServerSettings
@@ -53,7 +56,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         version=__version__,
         description="Devices, signed model bundles, deployments (desired state) and fleet telemetry.",
         lifespan=lifespan,
+        dependencies=[Depends(enforce_declared_rule)],  # a route without an access rule is refused (see auth.py)
     )
+    app.add_middleware(AuditMiddleware)
     app.state.settings = settings
     app.state.control = None
 
@@ -62,8 +67,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.message, "error": type(exc).__name__})
 
     app.include_router(api_router())
+    app.include_router(tuf_api.router, prefix=API_PREFIX)  # /api/v1/tuf/metadata/{name}, /api/v1/tuf/targets/{path}
 
-    @app.get("/", include_in_schema=False)
+    @app.get("/", include_in_schema=False, dependencies=[PUBLIC])
     def dashboard() -> FileResponse:
         return FileResponse(DASHBOARD_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 

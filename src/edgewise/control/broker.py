@@ -6,21 +6,39 @@ else shares them. It keeps retained messages in memory only: after a restart the
 control plane republishes every recorded desired state as soon as its bus connects
 (see ``deployments.republish_all``), so devices still find theirs.
 
-For production use Mosquitto or EMQX (set ``broker_url``): amqtt here allows
-anonymous clients and has no topic ACLs yet.
+Access (:class:`BrokerAccess`, see :class:`EdgewiseAccessPlugin`): the control plane's own
+client logs in as ``edgewise-control`` with a password generated at every start and may do
+everything; a device logs in with username = its device id and password = its device token
+(from enrollment), must use its device id as client id, and may publish only to
+``edgewise/devices/<id>/{state,telemetry/#,events/#}`` and subscribe only to
+``edgewise/devices/<id>/{desired,cmd/#}`` and ``edgewise/fleet/#`` (the same rules as the
+Mosquitto ACL, ``mosquitto.acl_text``). With ``require_auth`` false (mode ``open``, the
+default until every agent is enrolled) clients without credentials are still let in,
+unfenced: that mode is for a laptop, not a network. amqtt speaks MQTT 3.1.1 only, so a
+denied publish is dropped silently (no reason code); Mosquitto (MQTT v5) reports it.
+
+For production use Mosquitto (``edgewise server --mosquitto``, mTLS) or EMQX.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+from ..protocol import topics
 from .bus import MqttBus
 
-__all__ = ["BrokerStartError", "EmbeddedBroker", "MqttBus"]
+__all__ = ["BrokerAccess", "BrokerStartError", "EdgewiseAccessPlugin", "EmbeddedBroker", "MqttBus", "device_may"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +58,115 @@ class BrokerStartError(RuntimeError):
     """The embedded broker could not start (typically: its port is taken)."""
 
 
+# -- per-device access ---------------------------------------------------------------------------
+
+CONTROL_USERNAME = "edgewise-control"
+DEVICE_PUBLISH = ("state", "telemetry/#", "events/#")
+DEVICE_SUBSCRIBE = ("desired", "cmd/#")
+
+
+def _covers(allowed: str, requested: str) -> bool:
+    """True if every topic ``requested`` (a name or a filter) can match lies within filter ``allowed``.
+
+    Wildcards in ``requested`` only pass where ``allowed`` has ``#``: ``edgewise/devices/+/desired``
+    is not within ``edgewise/devices/dev1/desired``.
+    """
+    a, r = allowed.split("/"), requested.split("/")
+    for i, level in enumerate(a):
+        if level == "#":
+            return True
+        if i >= len(r) or r[i] != level:
+            return False
+    return len(r) == len(a)
+
+
+def device_may(device_id: str, action: str, topic: str) -> bool:
+    """The per-device rule, shared by the embedded broker and (as text) the Mosquitto ACL.
+
+    ``action``: ``publish`` (a topic name), ``subscribe`` (a filter) or ``receive`` (a topic name).
+    """
+    base = f"{topics.DEVICES}/{device_id}"
+    if action == "publish":
+        allowed = [f"{base}/{c}" for c in DEVICE_PUBLISH]
+    else:
+        allowed = [f"{base}/{c}" for c in DEVICE_SUBSCRIBE] + [f"{topics.FLEET}/#"]
+    return any(_covers(a, topic) for a in allowed)
+
+
+@dataclass
+class BrokerAccess:
+    """Who may connect to the embedded broker and what they may touch.
+
+    ``check_device(device_id, token)`` says whether ``token`` is a live device token of
+    ``device_id`` (it runs in a worker thread: it may query the database).
+    """
+
+    check_device: Callable[[str, str], bool]
+    require_auth: bool = False
+    control_username: str = CONTROL_USERNAME
+    control_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    denied: int = 0  # publishes and subscriptions refused so far (for tests and logs)
+
+
+_ACCESS: dict[str, BrokerAccess] = {}  # amqtt builds plugins from config dicts: objects are passed by key
+
+
+class EdgewiseAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
+    """amqtt plugin: authenticates devices by device token and fences their topics (see module doc)."""
+
+    @dataclass
+    class Config:
+        access_key: str = ""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.access = _ACCESS[self.config.access_key]
+
+    async def authenticate(self, *, session: Any) -> bool | None:
+        access = self.access
+        username, password = session.username, session.password or ""
+        if isinstance(password, bytes):
+            password = password.decode("utf-8", "replace")
+        if username is None:
+            if access.require_auth:
+                log.warning("refused MQTT client %r: no credentials (devices log in with their id and device token)",
+                            session.client_id)
+                return False
+            return True
+        if username == access.control_username:
+            return hmac.compare_digest(password.encode(), access.control_password.encode())
+        if session.client_id != username:
+            log.warning("refused MQTT client %r: a device must use its device id %r as client id", session.client_id, username)
+            return False
+        if not topics.DEVICE_ID_RE.match(username):
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            ok = await loop.run_in_executor(None, access.check_device, username, password)
+        except Exception:  # noqa: BLE001 - a failing check refuses, it does not crash the broker
+            log.exception("checking the device token of %r failed; refusing it", username)
+            ok = False
+        if not ok:
+            log.warning("refused MQTT device %r: unknown, revoked or wrong device token", username)
+        return bool(ok)
+
+    async def topic_filtering(self, *, session: Any = None, topic: str | None = None, action: Any = None) -> bool | None:
+        if session is None or topic is None:
+            return False
+        username = session.username
+        if username is None:
+            return True  # open mode only: anonymous clients were refused at CONNECT otherwise
+        if username == self.access.control_username:
+            return True
+        name = {Action.PUBLISH: "publish", Action.SUBSCRIBE: "subscribe"}.get(action, "receive")
+        if device_may(username, name, topic):
+            return True
+        if action != Action.RECEIVE:
+            self.access.denied += 1
+            log.warning("denied MQTT %s of device %r on %s (devices may use only their own topics)", name, username, topic)
+        return False
+
+
 class EmbeddedBroker:
     """An amqtt broker on ``host:port`` (port 0 = any free port) in a background thread.
 
@@ -48,8 +175,10 @@ class EmbeddedBroker:
     'mqtt://127.0.0.1:40123'
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, access: BrokerAccess | None = None) -> None:
         self.host = host
+        self.access = access
+        self._access_key = secrets.token_hex(8)
         self.requested_port = port
         self.port: int | None = None  # the bound port, once started
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,11 +198,15 @@ class EmbeddedBroker:
         return self._thread is not None and self._thread.is_alive() and self.port is not None
 
     def config(self) -> dict[str, Any]:
-        """amqtt 0.12 configuration: one TCP listener, anonymous clients, no $SYS chatter."""
-        return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.requested_port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        }
+        """amqtt 0.12 configuration: one TCP listener, no $SYS chatter; per-device access with ``access``,
+        otherwise anonymous clients and no ACL (only for tests of the broker itself)."""
+        listeners = {"default": {"type": "tcp", "bind": f"{self.host}:{self.requested_port}"}}
+        if self.access is None:
+            return {"listeners": listeners,
+                    "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+        _ACCESS[self._access_key] = self.access
+        return {"listeners": listeners,
+                "plugins": {f"{__name__}.EdgewiseAccessPlugin": {"access_key": self._access_key}}}
 
     def start(self, timeout: float = 10.0) -> str:
         """Start listening; return the broker URL. Raises :class:`BrokerStartError`."""
@@ -137,6 +270,7 @@ class EmbeddedBroker:
         thread.join(timeout)
         self.port = None
         self._broker = None
+        _ACCESS.pop(self._access_key, None)
         log.info("embedded MQTT broker stopped")
 
     def __enter__(self) -> "EmbeddedBroker":

@@ -1,9 +1,15 @@
 """The control plane's MQTT session: subscribe to what devices say, publish what they should do.
 
-A paho-mqtt client (callback API v2, MQTT 3.1.1 because amqtt speaks only that)
-whose network thread connects, reconnects with backoff forever, and re-subscribes
-after every reconnect. Each reconnect also calls ``on_connected`` (the app
-republishes desired states there), because the broker may have lost them.
+A paho-mqtt client (callback API v2) whose network thread connects, reconnects with
+backoff forever, and re-subscribes after every reconnect. Each reconnect also calls
+``on_connected`` (the app republishes desired states there), because the broker may
+have lost them.
+
+On mqtts:// (Mosquitto or EMQX with mutual TLS) it speaks MQTT v5, so a refused publish
+or subscription comes back with a reason code, which is logged; it falls back to 3.1.1
+when a broker answers "unsupported protocol version". On plain mqtt:// it speaks 3.1.1
+unless told otherwise (the embedded amqtt broker speaks only that). With Mosquitto and mTLS it
+presents the control plane's client certificate (``tls_files``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ log = logging.getLogger(__name__)
 
 SUBSCRIBE_QOS = 1
 MAX_QUEUED = 10_000  # messages held while disconnected; beyond it publish() reports False
+SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT v5 persistent session: the broker keeps it (and queues) for a week
+UNSUPPORTED_PROTOCOL = 132  # MQTT v5 CONNACK reason "Unsupported Protocol Version" (3.1.1 brokers say 1)
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
@@ -64,10 +72,19 @@ class MqttBus:
         client_id: str | None = None,
         persistent: bool = False,
         keepalive: int = 30,
+        username: str | None = None,
+        password: str | None = None,
+        tls_files: tuple[str, str, str] | None = None,
+        protocol: int | None = None,
     ) -> None:
+        """``tls_files`` = (CA certificate, client certificate, client key) for mutual TLS (mqtts:// URLs).
+
+        ``protocol`` (paho's ``MQTTv5``/``MQTTv311``): default v5 on mqtts://, 3.1.1 on mqtt:// (amqtt drops
+        a v5 CONNECT with properties without answering, so probing it costs a timeout).
+        """
         self.url = url
         self.display_url = redact_url(url)
-        self.host, self.port, tls, user, password = parse_broker_url(url)
+        self.host, self.port, tls, user, password_from_url = parse_broker_url(url)
         self.client_id = client_id or f"edgewise-control-{secrets.token_hex(4)}"
         self.subscriptions = tuple(subscriptions)
         self.keepalive = keepalive
@@ -76,19 +93,33 @@ class MqttBus:
         self._ready = threading.Event()  # connected and subscribed
         self._sub_mid: int | None = None
         self._started = False
+        self.persistent = persistent
+        self.protocol = protocol if protocol is not None else (mqtt.MQTTv5 if tls else mqtt.MQTTv311)
+        self._user = username if username is not None else user
+        self._password = password if password is not None else password_from_url
+        self._tls = tls
+        self._tls_files = tls_files
+        self.denied = 0  # publishes the broker refused (MQTT v5 reason code >= 0x80)
+        self._client = self._new_client()
 
+    def _new_client(self) -> mqtt.Client:
+        v5 = self.protocol == mqtt.MQTTv5
         c = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv311,
+            protocol=self.protocol,
             # A persistent session (fixed client id) makes the broker queue QoS 1 messages that
             # devices publish while the control plane is down; they arrive on reconnect.
-            clean_session=not persistent,
+            **({} if v5 else {"clean_session": not self.persistent}),
         )
-        if user is not None:
-            c.username_pw_set(user, password)
-        if tls:
-            c.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        if self._user is not None:
+            c.username_pw_set(self._user, self._password)
+        if self._tls:
+            if self._tls_files is not None:
+                ca, cert, key = self._tls_files
+                c.tls_set(ca_certs=ca, certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED)
+            else:
+                c.tls_set(cert_reqs=ssl.CERT_REQUIRED)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         c.max_queued_messages_set(MAX_QUEUED)
         c.enable_logger(logging.getLogger(__name__ + ".paho"))
@@ -96,7 +127,8 @@ class MqttBus:
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
-        self._client = c
+        c.on_publish = self._on_publish
+        return c
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -105,9 +137,36 @@ class MqttBus:
         if self._started:
             return
         self._started = True
-        self._client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self._connect_async()
         self._client.loop_start()
         log.info("MQTT bus connecting to %s as %s", self.display_url, self.client_id)
+
+    def _connect_async(self) -> None:
+        if self.protocol == mqtt.MQTTv5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent else 0
+            self._client.connect_async(self.host, self.port, keepalive=self.keepalive,
+                                       clean_start=not self.persistent, properties=props)
+        else:
+            self._client.connect_async(self.host, self.port, keepalive=self.keepalive)
+
+    def _fall_back_to_311(self) -> None:
+        """The broker does not speak MQTT v5 (amqtt): start over with 3.1.1 (from a thread of our own)."""
+        def restart() -> None:
+            old = self._client
+            old.disconnect()
+            old.loop_stop()
+            if not self._started:
+                return
+            self.protocol = mqtt.MQTTv311
+            self._client = self._new_client()
+            self._connect_async()
+            self._client.loop_start()
+
+        threading.Thread(target=restart, name="edgewise-bus-reconnect", daemon=True).start()
 
     def wait_connected(self, timeout: float) -> bool:
         """True once connected and subscribed (and ``on_connected`` has run)."""
@@ -146,6 +205,10 @@ class MqttBus:
 
     def _on_connect(self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object) -> None:
         if getattr(reason, "is_failure", False):
+            if self.protocol == mqtt.MQTTv5 and getattr(reason, "value", None) == UNSUPPORTED_PROTOCOL:
+                log.info("MQTT broker %s does not speak MQTT v5; using 3.1.1", self.display_url)
+                self._fall_back_to_311()
+                return
             log.error("MQTT broker %s refused the connection: %s (check credentials/ACL); retrying", self.display_url, reason)
             return
         if not self.subscriptions:
@@ -179,6 +242,12 @@ class MqttBus:
         self._ready.clear()
         if self._started and was_ready:
             log.warning("MQTT bus lost the broker at %s (%s); reconnecting", self.display_url, reason)
+
+    def _on_publish(self, _client: mqtt.Client, _userdata: object, mid: int, reason: object, _props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            self.denied += 1
+            log.error("MQTT broker %s refused a publish (mid %d): %s; check the broker's ACL for %s",
+                      self.display_url, mid, reason, self._user or self.client_id)
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -11,17 +11,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..protocol import ArtifactRef, DesiredState, encode, topics
+from ..protocol.messages import AgentReleaseRef
 from .devices import get_device, list_devices
-from .errors import InvalidRequestError, NotFoundError
+from ..security.tuf_repo import TufRepoError
+from .errors import ConflictError, InvalidRequestError, NotFoundError
 from .models import Deployment, Device
 from .registry import Registry, bundle_url
 from .timeutil import utcnow
+from .tuf_service import tuf_of
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class Publisher(Protocol):
 
 def desired_state(device: Device) -> DesiredState | None:
     """The device's recorded desired state as a wire message; None if nothing was ever deployed."""
-    if not device.desired_generation or device.desired_model is None:
+    if not device.desired_generation or (device.desired_model is None and not device.desired_agent):
         return None
     return DesiredState(
         device_id=device.id,
@@ -44,7 +47,9 @@ def desired_state(device: Device) -> DesiredState | None:
         model=device.desired_model,
         version=device.desired_version,
         artifact=ArtifactRef.model_validate(device.desired_artifact) if device.desired_artifact else None,
+        target=(device.desired_artifact or {}).get("tuf_target"),
         rollback=bool(device.desired_rollback),
+        agent=AgentReleaseRef.model_validate(device.desired_agent) if device.desired_agent else None,
         issued_at=device.desired_issued_at or 0.0,
     )
 
@@ -75,22 +80,34 @@ class DeploymentResult:
 def deploy(
     session: Session,
     publisher: Publisher | None,
-    model: str,
-    version: str,
+    model: str | None,
+    version: str | None,
     *,
     device_id: str | None = None,
     tag: str | None = None,
     rollback: bool = False,
+    agent_version: str | None = None,
 ) -> DeploymentResult:
     """Set ``model`` ``version`` as the desired state of one device or of every device
     carrying ``tag`` now, bump each device's generation, record the deployment, commit,
     then publish each new desired state retained on ``edgewise/devices/{id}/desired``.
 
     Agents refuse a version lower than the highest they have committed unless ``rollback``
-    is true (a deliberate downgrade); the flag travels in the desired state."""
+    is true (a deliberate downgrade); the flag travels in the desired state.
+
+    ``agent_version`` also sets the agent release the devices should run (a stored release, see
+    ``control.releases``); ``model``/``version`` may then be None (agent only). Each part keeps the
+    other's earlier desired value: deploying a model never drops the desired agent, and vice versa."""
     if (device_id is None) == (tag is None):
         raise InvalidRequestError("give exactly one target: device_id or tag")
-    mv = Registry.get(session, model, version)
+    if (model is None) != (version is None) or (model is None and agent_version is None):
+        raise InvalidRequestError("give a model and its version, an agent_version, or both")
+    agent_ref = None
+    if agent_version is not None:
+        from .releases import release_ref
+
+        agent_ref = release_ref(session, agent_version)
+    mv = Registry.get(session, model, version) if model is not None and version is not None else None
     if device_id is not None:
         targets = [get_device(session, device_id)]
         kind, value = "device", device_id
@@ -102,23 +119,38 @@ def deploy(
             raise NotFoundError(
                 f"no registered device has tag {tag!r}; tag devices first (POST /api/v1/devices or the agent's config)"
             )
-    artifact = ArtifactRef(url=bundle_url(mv.name, mv.version), sha256=mv.sha256, size=mv.size)
+    stored_artifact: dict[str, Any] | None = None
+    if mv is not None:
+        artifact = ArtifactRef(url=bundle_url(mv.name, mv.version), sha256=mv.sha256, size=mv.size)
+        stored_artifact = artifact.model_dump(mode="json")
+    tuf = tuf_of(session)
+    if tuf is not None and mv is not None and stored_artifact is not None:
+        # The desired state names a signed TUF target; a rollback gets its own target whose signed custom data
+        # says rollback: true (the only thing a TUF agent accepts as permission to downgrade).
+        try:
+            stored_artifact["tuf_target"] = tuf.register([mv], rollback=rollback)[0]
+        except TufRepoError as exc:  # e.g. the stored bundle changed on disk since upload: never sign it
+            raise ConflictError(f"cannot deploy {mv.name} {mv.version}: {exc}") from None
     issued_at = time.time()
     for device in targets:
         # An SQL expression, not a Python increment: two concurrent deployments never hand
         # out the same generation.
         device.desired_generation = Device.desired_generation + 1  # type: ignore[assignment]
-        device.desired_model = mv.name
-        device.desired_version = mv.version
-        device.desired_artifact = artifact.model_dump(mode="json")
+        if mv is not None:
+            device.desired_model = mv.name
+            device.desired_version = mv.version
+            device.desired_artifact = stored_artifact
+            device.desired_rollback = rollback
+        if agent_ref is not None:
+            device.desired_agent = agent_ref.model_dump(mode="json")
         device.desired_issued_at = issued_at
-        device.desired_rollback = rollback
     session.flush()
     for device in targets:
         session.refresh(device)
     record = Deployment(
-        model=mv.name,
-        version=mv.version,
+        model=mv.name if mv is not None else None,
+        version=mv.version if mv is not None else None,
+        agent_version=agent_ref.version if agent_ref is not None else None,
         target_kind=kind,
         target_value=value,
         created_at=utcnow(),
@@ -134,7 +166,8 @@ def deploy(
         states.append(state)
         if publisher is not None and not publish_desired(publisher, device):
             log.warning("desired state for %s recorded but not yet published; it goes out when the bus reconnects", device.id)
-    log.info("deployed %s %s to %s %s (%d devices)%s", mv.name, mv.version, kind, value, len(targets), " as a rollback" if rollback else "")
+    what = " + ".join(([f"{mv.name} {mv.version}"] if mv is not None else []) + ([f"agent {agent_ref.version}"] if agent_ref else []))
+    log.info("deployed %s to %s %s (%d devices)%s", what, kind, value, len(targets), " as a rollback" if rollback else "")
     return DeploymentResult(record, states)
 
 

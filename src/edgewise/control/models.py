@@ -43,6 +43,8 @@ class Device(Base):
     desired_artifact: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     desired_issued_at: Mapped[float | None] = mapped_column(Float, default=None)
     desired_rollback: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The agent release the device should run ({version, artifact, target}; migration 0006); None: leave it.
+    desired_agent: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     last_update: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     api_url: Mapped[str | None] = mapped_column(String(512), default=None)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -76,8 +78,9 @@ class Deployment(Base):
     __tablename__ = "deployments"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    model: Mapped[str] = mapped_column(String(64))
-    version: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str | None] = mapped_column(String(64))  # None: an agent-only deployment (0006)
+    version: Mapped[str | None] = mapped_column(String(128))
+    agent_version: Mapped[str | None] = mapped_column(String(64), default=None)  # agent release deployed (0006)
     target_kind: Mapped[str] = mapped_column(String(16))  # "device" | "tag"
     target_value: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -161,4 +164,114 @@ class SummaryRow(Base):
 # -- provisioning (fleet CA, enrollment; migration 0004) -------------------------------------------
 
 
+class EnrollmentToken(Base):
+    """A single-use, expiring secret an operator hands to one device so it can obtain its certificate.
+
+    Only the sha256 of the token is stored (256-bit random). ``tags`` are given to the device that
+    uses it; ``device_id``, when set, is the only id that may enroll with it.
+    """
+
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    device_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(160), default=None)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    used_by: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class DeviceCertificate(Base):
+    """Every client certificate the fleet CA issued (serial in hex), and whether it is revoked.
+
+    No foreign key to ``devices``: a revoked certificate must stay on the CRL even after its
+    device row is deleted.
+    """
+
+    __tablename__ = "device_certificates"
+
+    serial: Mapped[str] = mapped_column(String(40), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime)
+    not_after: Mapped[datetime] = mapped_column(UTCDateTime)
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    revoke_reason: Mapped[str | None] = mapped_column(String(256), default=None)
+
+
 # -- access control (users, tokens, audit; migration 0005) -----------------------------------------
+
+
+class User(Base):
+    """A person (or script owner) who signs in. ``role`` is admin, operator or viewer (see ``auth.ROLES``)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))  # argon2id, PHC string
+    role: Mapped[str] = mapped_column(String(16))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token: an API token or a dashboard session of a user, or a device token.
+
+    Only the sha256 of the token is stored (tokens are 256-bit random, so a fast hash is enough);
+    ``prefix`` (its first characters) lets people tell tokens apart in listings.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))  # "api" | "session" | "device"
+    name: Mapped[str] = mapped_column(String(128), default="")
+    user_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("users.id", ondelete="CASCADE"), default=None)
+    device_id: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class AuditEntry(Base):
+    """One change or sign-in: who (actor), what (action, target, status), when (at), from where (remote)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(160))  # "user:alice", "token:ci (user:alice)", "device:d1", "anonymous"
+    role: Mapped[str | None] = mapped_column(String(16), default=None)
+    action: Mapped[str] = mapped_column(String(64))  # "POST /api/v1/deployments", "login", "login.failed", ...
+    target: Mapped[str] = mapped_column(String(512), default="")
+    status: Mapped[int] = mapped_column(Integer, default=0)
+    remote: Mapped[str | None] = mapped_column(String(64), default=None)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+# -- agent releases distributed by the control plane (migration 0006) -------------------------------
+
+
+class AgentRelease(Base):
+    """An uploaded, verified signed agent release (``.ewr``). Immutable: a version always means the same bytes."""
+
+    __tablename__ = "agent_releases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    key_id: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(512))  # relative to the bundles directory
+    target: Mapped[str] = mapped_column(String(256))  # its TUF target name: agent/edgewise-agent-<version>.ewr
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)  # release.json without its file list
+    uploaded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -48,6 +49,7 @@ class Registry:
         self.bundles_dir = Path(bundles_dir)
         self.trusted = trusted
         self.max_upload_bytes = max_upload_bytes
+        self.tuf: Any = None  # control.tuf_service.TufService: every stored bundle becomes a signed TUF target
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -129,9 +131,19 @@ class Registry:
                 raise
             fsync_dir(self.bundles_dir)
             log.info("stored bundle %s %s (%d bytes, key %s)", name, version, row.size, row.key_id)
+            self._publish_target(row)
             return StoreResult(row, created=True)
         finally:
             upload.unlink(missing_ok=True)
+
+    def _publish_target(self, row: ModelVersion) -> None:
+        """Sign the bundle into the TUF targets (a failure is repaired at the next start or deploy)."""
+        if self.tuf is None:
+            return
+        try:
+            self.tuf.register_bundle(row)
+        except Exception as exc:  # the bundle is stored; deploy() and the next start register it again
+            log.error("stored %s %s but could not publish it as a TUF target: %s", row.name, row.version, exc)
 
     @staticmethod
     def _same_or_conflict(existing: ModelVersion, sha256: str) -> ModelVersion:

@@ -211,8 +211,11 @@ class ModelSummary(BaseModel):
 
 
 class DeploymentCreate(BaseModel):
-    model: str
-    version: str
+    model: str | None = Field(default=None, description="Model to run (with version); omit for an agent-only deployment.")
+    version: str | None = None
+    agent_version: str | None = Field(
+        default=None, description="Agent release to run (uploaded with POST /api/v1/agent-releases); the desired model stays.",
+    )
     device_id: str | None = Field(default=None, description="Target one device...")
     tag: str | None = Field(default=None, description="...or every device that has this tag now.")
     rollback: bool = Field(
@@ -224,13 +227,16 @@ class DeploymentCreate(BaseModel):
     def _one_target(self) -> "DeploymentCreate":
         if (self.device_id is None) == (self.tag is None):
             raise ValueError("give exactly one target: device_id or tag")
+        if (self.model is None) != (self.version is None) or (self.model is None and self.agent_version is None):
+            raise ValueError("give a model and its version, an agent_version, or both")
         return self
 
 
 class DeploymentOut(BaseModel):
     id: int
-    model: str
-    version: str
+    model: str | None
+    version: str | None
+    agent_version: str | None = None
     target_kind: Literal["device", "tag"]
     target_value: str
     created_at: datetime

@@ -43,6 +43,8 @@ def _uvicorn_server(app: FastAPI, settings: ServerSettings, log_level: str) -> u
         log_config=None,  # keep the process's logging as configure_logging() set it
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
     )
     return uvicorn.Server(config)
 
@@ -62,6 +64,10 @@ def run_server(settings: ServerSettings, *, log_level: str = "info") -> None:
     Raises :class:`ControlStartError` if the server could not start.
     """
     configure_logging(log_level)
+    try:
+        settings.check_transport()
+    except ValueError as exc:
+        raise ControlStartError(str(exc)) from None
     app = create_app(settings)
     server = _uvicorn_server(app, settings, log_level)
     # uvicorn handles SIGINT/SIGTERM while serving, shuts down cleanly, then re-raises the signal
@@ -111,7 +117,7 @@ class ControlPlane:
         host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "") else self.settings.host
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.settings.port}"
+        return f"{'https' if self.settings.tls else 'http'}://{host}:{self.settings.port}"
 
     @property
     def services(self) -> ControlServices:
@@ -122,6 +128,25 @@ class ControlPlane:
         return services
 
     @property
+    def admin_token(self) -> str:
+        """The bootstrap admin API token (``<data_dir>/admin.token``), for the simulator, the demo and tests."""
+        path = self.settings.data_dir / "admin.token"
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise RuntimeError(
+                f"{path} does not exist: the admin token is written only on the first start of an empty database; "
+                "create a token with `edgewise token create --data-dir ... --user admin`"
+            ) from None
+
+    def issue_device_token(self, device_id: str) -> str:
+        """A new device token for ``device_id`` (write it to the agent's state/keys/device.token)."""
+        from .auth import issue_device_token
+
+        with self.services.db.session() as session:
+            return issue_device_token(session, device_id)
+
+    @property
     def broker_url(self) -> str:
         """The MQTT broker devices should connect to (embedded or external)."""
         return self.services.broker_url
@@ -129,6 +154,10 @@ class ControlPlane:
     def start(self, timeout: float = 30.0) -> "ControlPlane":
         if self._thread is not None and self._thread.is_alive():
             return self
+        try:
+            self.settings.check_transport()
+        except ValueError as exc:
+            raise ControlStartError(str(exc)) from None
         # Bind here, not in uvicorn: port 0 then resolves before the app (and public_url) is built.
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -10,13 +10,17 @@ import logging
 from dataclasses import dataclass
 
 from ..security import KeyFileError, TrustedKeys
-from .broker import EmbeddedBroker
+from .broker import BrokerAccess, EmbeddedBroker
+from .mosquitto import ManagedMosquitto
+from .provisioning import Provisioning
+from .auth import bootstrap
 from .bus import MqttBus
 from .db import Database, init_db
 from .deployments import republish_all
 from .ingest import Ingest
 from .registry import Registry
 from .settings import ServerSettings
+from .tuf_service import TufService
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,9 @@ class ControlServices:
     bus: MqttBus
     broker: EmbeddedBroker | None
     broker_url: str
+    tuf: TufService | None = None
+    provisioning: "Provisioning | None" = None
+    mosquitto: "ManagedMosquitto | None" = None
 
     @classmethod
     def open(cls, settings: ServerSettings) -> "ControlServices":
@@ -56,32 +63,53 @@ class ControlServices:
         except Exception as exc:
             raise ControlStartError(f"cannot open or migrate the database {settings.effective_database_url}: {exc}") from exc
         broker: EmbeddedBroker | None = None
+        tuf: TufService | None = None
+        mosquitto: ManagedMosquitto | None = None
         try:
+            with db.session() as session:
+                bootstrap(session, settings.data_dir)  # first start: user admin + <data_dir>/admin.token
             registry = Registry(settings.bundles_dir, trusted, max_upload_bytes=settings.max_upload_bytes)
+            tuf = _open_tuf(settings, db)
+            registry.tuf = tuf
             ingest = Ingest(db)
-            if settings.embedded_broker:
-                broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port)
+            ca = _open_ca(settings)
+            bus_options: dict[str, object] = {}
+            access: BrokerAccess | None = None
+            if settings.mosquitto:
+                mosquitto, bus_options = _start_mosquitto(settings, db, ca)
+                broker_url = mosquitto.url
+            elif settings.embedded_broker:
+                access = BrokerAccess(_device_token_checker(db), require_auth=settings.embedded_broker_auth == "devices")
+                broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port, access=access)
                 try:
                     broker_url = broker.start()
                 except RuntimeError as exc:
                     raise ControlStartError(str(exc)) from exc
+                bus_options = {"username": access.control_username, "password": access.control_password,
+                               "protocol": 4}  # amqtt speaks MQTT 3.1.1 only (paho's MQTTv311 == 4)
             else:
                 assert settings.broker_url is not None
                 broker_url = settings.broker_url
+                bus_options = _external_tls(settings)
+            provisioning = _provisioning(settings, ca, broker_url, mosquitto)
 
             def republish() -> None:  # runs on every (re)connect, after `bus` below is bound
                 _republish(db, bus)
 
             bus = MqttBus(
                 broker_url, ingest.handle, on_connected=republish,
-                client_id=settings.effective_mqtt_client_id, persistent=True,
+                client_id=settings.effective_mqtt_client_id, persistent=True, **bus_options,  # type: ignore[arg-type]
             )
-            services = cls(settings, db, registry, ingest, bus, broker, broker_url)
+            services = cls(settings, db, registry, ingest, bus, broker, broker_url, tuf, provisioning, mosquitto)
             ingest.publisher = bus
             bus.start()
         except BaseException:
+            if tuf is not None:
+                tuf.stop()
             if broker is not None:
                 broker.stop()
+            if mosquitto is not None:
+                mosquitto.stop()
             db.dispose()
             raise
         if not bus.wait_connected(BUS_CONNECT_WAIT_S):
@@ -90,10 +118,39 @@ class ControlServices:
 
     def close(self) -> None:
         """Stop in reverse order: no new messages, then no broker, then no database."""
+        if self.tuf is not None:
+            self.tuf.stop()
         self.bus.stop()
         if self.broker is not None:
             self.broker.stop()
+        if self.mosquitto is not None:
+            self.mosquitto.stop()
         self.db.dispose()
+
+
+def _open_tuf(settings: ServerSettings, db: Database) -> TufService:
+    """The TUF repository (created on first start), its targets for every stored bundle, its refresher running."""
+    from datetime import timedelta
+
+    from ..security.tuf_repo import Expiry, TufRepoError
+    from .tuf_service import SESSION_KEY
+
+    try:
+        expiry = Expiry(**{role: timedelta(days=d) for role, d in settings.tuf_expiry_days.items()})
+    except TypeError as exc:
+        raise ControlStartError(f"tuf_expiry_days: {exc}; roles are root, targets, snapshot, timestamp") from None
+    try:
+        tuf = TufService.open(
+            settings.data_dir, settings.bundles_dir, root_keys=settings.tuf_root_keys, threshold=settings.tuf_root_threshold,
+            expiry=expiry, online_keys=settings.tuf_online_keys, refresh_interval_s=settings.tuf_refresh_interval_s,
+        )
+        db.sessionmaker.configure(info={SESSION_KEY: tuf})  # deploy() names (and signs rollback) targets through it
+        with db.session() as session:
+            tuf.backfill(session)
+    except (TufRepoError, OSError) as exc:
+        raise ControlStartError(f"cannot open the TUF repository in {settings.data_dir / 'tuf'}: {exc}") from exc
+    tuf.start()
+    return tuf
 
 
 def _republish(db: Database, bus: MqttBus) -> None:
@@ -101,3 +158,76 @@ def _republish(db: Database, bus: MqttBus) -> None:
         n = republish_all(session, bus)
     if n:
         log.info("republished %d desired state(s) after connecting to the broker", n)
+
+
+# -- device identity: fleet CA, Mosquitto with mTLS, enrollment (docs/security-identity.md) ----------
+
+
+def _open_ca(settings: ServerSettings):  # type: ignore[no-untyped-def]
+    """The fleet CA: its key in the configured keystore (created on first start), its certificate in data_dir/ca."""
+    from ..security.ca import CAError, FleetCA
+    from ..security.keystore import KeystoreError, open_keystore
+
+    try:
+        return FleetCA.open(open_keystore(settings.effective_ca_keystore), settings.data_dir / "ca")
+    except (CAError, KeystoreError, OSError) as exc:
+        raise ControlStartError(f"cannot open the fleet CA ({settings.effective_ca_keystore}): {exc}") from None
+
+
+def _start_mosquitto(settings: ServerSettings, db: Database, ca) -> tuple[ManagedMosquitto, dict[str, object]]:  # type: ignore[no-untyped-def]
+    """Write the Mosquitto configuration (TLS, ACL, current CRL), start it, and say how the bus connects."""
+    from .mosquitto import MosquittoError, write_config
+    from .provisioning import current_crl, revoked_device_ids
+
+    with db.session() as session:
+        crl, revoked = current_crl(session, ca), revoked_device_ids(session)
+    try:
+        files = write_config(ca, settings.mosquitto_dir, crl, host=settings.mosquitto_host, port=settings.mosquitto_port,
+                             revoked_ids=revoked)
+        mosquitto = ManagedMosquitto(files)
+        mosquitto.start()
+    except (MosquittoError, OSError) as exc:
+        raise ControlStartError(f"cannot start Mosquitto: {exc}") from None
+    return mosquitto, {"tls_files": (str(files.ca), str(files.control_cert), str(files.control_key))}
+
+
+def _external_tls(settings: ServerSettings) -> dict[str, object]:
+    """An external mqtts:// broker run from our generated config: present the control plane's certificate."""
+    from .mosquitto import CA_FILE, CONTROL_CERT, CONTROL_KEY
+
+    d = settings.mosquitto_dir
+    if (settings.broker_url or "").startswith(("mqtts:", "ssl:")) and (d / CONTROL_CERT).exists():
+        return {"tls_files": (str(d / CA_FILE), str(d / CONTROL_CERT), str(d / CONTROL_KEY))}
+    return {}
+
+
+def _provisioning(settings: ServerSettings, ca, broker_url: str, mosquitto: ManagedMosquitto | None) -> Provisioning:  # type: ignore[no-untyped-def]
+    from urllib.parse import urlsplit
+
+    from . import mosquitto as mq
+
+    device_url = settings.device_broker_url
+    if device_url is None:
+        if settings.embedded_broker:
+            host = urlsplit(settings.effective_public_url).hostname or "127.0.0.1"
+            device_url = f"mqtt://{host}:{urlsplit(broker_url).port}"
+        else:
+            device_url = broker_url
+    if mosquitto is not None:
+        return Provisioning(ca, device_url, mosquitto_dir=mosquitto.files.directory, reload_broker=mosquitto.reload)
+    if (settings.mosquitto_dir / mq.CONF_FILE).exists():  # an external Mosquitto run from our generated config
+        d = settings.mosquitto_dir
+        return Provisioning(ca, device_url, mosquitto_dir=d, reload_broker=lambda: mq.reload(d))
+    return Provisioning(ca, device_url)
+
+
+def _device_token_checker(db: Database):  # type: ignore[no-untyped-def]
+    """For the embedded broker: is ``token`` a live device token of ``device_id``?"""
+    from .auth import resolve_token
+
+    def check(device_id: str, token: str) -> bool:
+        with db.session() as session:
+            principal = resolve_token(session, token)
+        return principal is not None and principal.kind == "device" and principal.name == device_id
+
+    return check

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -28,7 +28,17 @@ _ENV_FIELDS = {
     "TRUST": "trust",
     "MAX_UPLOAD_MB": "max_upload_mb",
     "MQTT_CLIENT_ID": "mqtt_client_id",
+    "TLS_CERT": "tls_cert",
+    "TLS_KEY": "tls_key",
+    "INSECURE_HTTP": "insecure_http",
+    "CA_KEYSTORE": "ca_keystore",
+    "MOSQUITTO": "mosquitto",
+    "MOSQUITTO_HOST": "mosquitto_host",
+    "MOSQUITTO_PORT": "mosquitto_port",
+    "DEVICE_BROKER_URL": "device_broker_url",
+    "EMBEDDED_BROKER_AUTH": "embedded_broker_auth",
 }
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class ServerSettings(BaseModel):
@@ -62,6 +72,42 @@ class ServerSettings(BaseModel):
         "devices send while the control plane is down. Default: edgewise-control-<hash of data_dir>.",
     )
 
+    tuf_root_keys: int = Field(default=1, ge=1, le=16, description="Root keys created when the TUF repository is first made.")
+    tuf_root_threshold: int = Field(default=1, ge=1, le=16, description="Root signatures needed (e.g. 2 of 3); first start only.")
+    tuf_online_keys: str | None = Field(
+        default=None, description="Keystore URL of the TUF online keys (targets/snapshot/timestamp); default file:<data_dir>/tuf/keys.",
+    )
+    tuf_refresh_interval_s: float = Field(default=600.0, gt=0, description="How often the refresher checks TUF expiry.")
+    tuf_expiry_days: dict[str, float] = Field(
+        default_factory=dict, description="Override TUF expiry per role in days, e.g. {\"timestamp\": 1, \"root\": 365}.",
+    )
+
+    tls_cert: Path | None = Field(default=None, description="PEM certificate (chain) for HTTPS; with tls_key.")
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
+    insecure_http: bool = Field(
+        default=False, description="Allow plain HTTP on a non-loopback address (tokens and passwords cross in clear)."
+    )
+
+    # -- device identity (fleet CA, enrollment, broker access; see docs/security-identity.md) --
+    ca_keystore: str | None = Field(
+        default=None, description="Keystore URL holding the fleet CA key (label fleet-ca): file:/dir or pkcs11:...; "
+        "default file:{data_dir}/keys.",
+    )
+    mosquitto: bool = Field(
+        default=False, description="Run and manage a Mosquitto broker with mutual TLS (config written to "
+        "{data_dir}/mosquitto) instead of the embedded one.",
+    )
+    mosquitto_host: str = "127.0.0.1"
+    mosquitto_port: int = Field(default=8883, ge=1, le=65535)
+    device_broker_url: str | None = Field(
+        default=None, description="Broker URL enrollment hands to devices; default: the managed Mosquitto, the "
+        "external broker_url, or the embedded broker on the public URL's host.",
+    )
+    embedded_broker_auth: Literal["open", "devices"] = Field(
+        default="devices", description="Embedded broker: 'devices' = every device logs in with its id and device token "
+        "and is fenced to its own topics; 'open' = clients without credentials are let in unfenced (laptop only).",
+    )
+
     @field_validator("broker_url")
     @classmethod
     def _broker_url(cls, v: str | None) -> str | None:
@@ -89,13 +135,41 @@ class ServerSettings(BaseModel):
         return cls(**values)
 
     @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def check_transport(self) -> None:
+        """Refuse plain HTTP on a non-loopback address (bearer tokens, passwords and session cookies would
+        cross the network in clear) unless ``insecure_http`` says the operator knows (e.g. TLS ends at a proxy)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("HTTPS needs both tls_cert and tls_key (--tls-cert and --tls-key)")
+        for p in (self.tls_cert, self.tls_key):
+            if p is not None and not Path(p).is_file():
+                raise ValueError(f"TLS file {p} does not exist")
+        if not self.tls and self.host not in LOOPBACK_HOSTS and not self.insecure_http:
+            raise ValueError(
+                f"refusing plain HTTP on {self.host}: API tokens, passwords and session cookies would cross the network "
+                "unencrypted. Give --tls-cert/--tls-key (EDGEWISE_TLS_CERT/EDGEWISE_TLS_KEY), bind to 127.0.0.1 behind "
+                "a TLS-terminating proxy, or pass --insecure-http if a proxy on this host already terminates TLS"
+            )
+
+    @property
+    def effective_ca_keystore(self) -> str:
+        return self.ca_keystore or f"file:{self.data_dir / 'keys'}"
+
+    @property
+    def mosquitto_dir(self) -> Path:
+        """Where the generated Mosquitto configuration, certificates, ACL and CRL live."""
+        return self.data_dir / "mosquitto"
+
+    @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'edgewise.db'}"
 
     @property
     def embedded_broker(self) -> bool:
-        """True when the control plane runs its own broker (no broker URL configured)."""
-        return self.broker_url is None
+        """True when the control plane runs its own amqtt broker (no broker URL, no managed Mosquitto)."""
+        return self.broker_url is None and not self.mosquitto
 
     @property
     def effective_broker_url(self) -> str:
@@ -112,7 +186,7 @@ class ServerSettings(BaseModel):
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     @property
     def effective_mqtt_client_id(self) -> str:

@@ -36,6 +36,17 @@ class ArtifactRef(BaseModel):
     size: int = Field(ge=0)
 
 
+class AgentReleaseRef(BaseModel):
+    """The agent software a device should run: a signed agent release (``.ewr``; a TUF target with
+    ``custom.kind = "agent-release"``). Optional in :class:`DesiredState`; older agents ignore it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: str
+    artifact: ArtifactRef
+    target: str | None = Field(default=None, description="The release's TUF target name (e.g. agent/edgewise-agent-0.2.0.ewr).")
+
+
 class DesiredState(_Message):
     """Retained on ``devices/{id}/desired``: what the device should be running."""
 
@@ -45,7 +56,13 @@ class DesiredState(_Message):
     model: str | None = None
     version: str | None = None
     artifact: ArtifactRef | None = None
+    target: str | None = Field(
+        default=None,
+        description="The TUF target to install (e.g. digits/1.1.0.ewb); agents with a TUF root install only what the "
+        "signed TUF metadata lists under this name. None from control planes older than TUF.",
+    )
     config: dict[str, Any] = Field(default_factory=dict)
+    agent: AgentReleaseRef | None = Field(default=None, description="Agent software release to run (None: leave the agent as it is).")
     rollback: bool = Field(
         default=False, description="Allow a version lower than the highest the device has committed (an operator's deliberate rollback).",
     )

@@ -60,19 +60,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def upload_bundle(server: str, path: Path) -> dict[str, Any]:
-    req = urllib.request.Request(
-        f"{server}/api/v1/models", data=path.read_bytes(), method="POST",
-        headers={"Content-Type": "application/octet-stream", "X-Filename": path.name},
-    )
+def upload_bundle(server: str, path: Path, token: str | None = None) -> dict[str, Any]:
+    """POST a signed bundle; ``token`` is an operator's or admin's API token (e.g. ``ControlPlane.admin_token``)."""
+    headers = {"Content-Type": "application/octet-stream", "X-Filename": path.name}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(f"{server}/api/v1/models", data=path.read_bytes(), method="POST", headers=headers)
     with urllib.request.urlopen(req, timeout=30) as resp:
         import json
 
         return json.loads(resp.read())
 
 
-def _device_versions(server: str) -> dict[str, str | None]:
-    return {d["id"]: d.get("version") for d in http_json("GET", f"{server}/api/v1/devices")}
+def _device_versions(server: str, token: str) -> dict[str, str | None]:
+    return {d["id"]: d.get("version") for d in http_json("GET", f"{server}/api/v1/devices", token=token)}
 
 
 def _feed(fleet: list[AgentProcess], x: np.ndarray, stop: threading.Event, per_second: float = 5.0) -> None:
@@ -129,21 +130,23 @@ def run_demo(
         cp = ControlPlane(settings)
         cp.start()
         server = cp.url
+        token = cp.admin_token  # the bootstrap admin token: the demo acts as the fleet's admin
         for version in models:
-            upload_bundle(server, paths[version])
+            upload_bundle(server, paths[version], token)
 
         progress(f"starting {agents} agents as separate processes")
         for i in range(agents):
             dev = AgentProcess(
                 device_id=f"demo-{i + 1}", state_dir=root / "agents" / f"demo-{i + 1}", server_url=server,
                 broker_url=settings.effective_broker_url, trust=keys / "signing.pub", tags=["demo"],
-                telemetry_interval_s=1.0,
+                telemetry_interval_s=1.0, device_token=cp.issue_device_token(f"demo-{i + 1}"),
+                tuf_root=settings.data_dir / "tuf" / "metadata" / "1.root.json",  # provisioning: updates go through TUF
             )
             dev.start()
             fleet.append(dev)
         for dev in fleet:
             dev.wait_ready()
-        wait_until(lambda: len(_device_versions(server)) >= agents, 60, what="every agent to register")
+        wait_until(lambda: len(_device_versions(server, token)) >= agents, 60, what="every agent to register")
 
         correct = {d.device_id: 0 for d in fleet}
         served = {d.device_id: 0 for d in fleet}
@@ -160,9 +163,10 @@ def run_demo(
 
         for phase, version in enumerate(models):
             progress(f"deploying digits {version} to every device tagged 'demo'")
-            http_json("POST", f"{server}/api/v1/deployments", {"model": "digits", "version": version, "tag": "demo"})
+            http_json("POST", f"{server}/api/v1/deployments", {"model": "digits", "version": version, "tag": "demo"},
+                      token=token)
             wait_until(
-                lambda: all(v == version for v in _device_versions(server).values()), 90,
+                lambda: all(v == version for v in _device_versions(server, token).values()), 90,
                 what=f"every agent to report {version}",
             )
             progress(f"every agent runs {version}; classifying held-out digits")
@@ -176,12 +180,12 @@ def run_demo(
             return hs if all(h["outbox_pending"] == 0 and h["connected"] for h in hs) else None
 
         healths = wait_until(drained, 30, what="outboxes to drain")
-        devices = {d["id"]: d for d in http_json("GET", f"{server}/api/v1/devices")}
+        devices = {d["id"]: d for d in http_json("GET", f"{server}/api/v1/devices", token=token)}
         per_device = []
         for dev, h in zip(fleet, healths):
             info = devices.get(dev.device_id, {})
-            received = len(http_json("GET", f"{server}/api/v1/devices/{dev.device_id}/telemetry?limit=100000"))
-            events = len(http_json("GET", f"{server}/api/v1/devices/{dev.device_id}/events?limit=100000"))
+            received = len(http_json("GET", f"{server}/api/v1/devices/{dev.device_id}/telemetry?limit=100000", token=token))
+            events = len(http_json("GET", f"{server}/api/v1/devices/{dev.device_id}/events?limit=100000", token=token))
             per_device.append(DeviceSummary(
                 device_id=dev.device_id, version=info.get("version"), inferences=served[dev.device_id],
                 correct=correct[dev.device_id], p95_ms=info.get("latency_p95_ms"),
@@ -206,7 +210,7 @@ def run_demo(
             feeder = threading.Thread(target=_feed, args=(fleet, data.x_test, stop_feed), daemon=True)
             feeder.start()
             try:
-                keep_running(f"{server}/")
+                keep_running(f"{server}/#token={token}")  # signs the browser in (loopback demo only; see docs)
             finally:
                 stop_feed.set()
                 feeder.join(5)

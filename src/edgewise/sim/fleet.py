@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -21,17 +22,29 @@ from typing import Any
 
 import numpy as np
 
+from ..fsutil import atomic_write
+
 
 class FleetError(RuntimeError):
     pass
 
 
-def http_json(method: str, url: str, body: Any = None, timeout: float = 10.0) -> Any:
-    """Small JSON-over-HTTP client (stdlib): the demo must not need more."""
+def http_json(
+    method: str, url: str, body: Any = None, timeout: float = 10.0, *, token: str | None = None,
+    context: ssl.SSLContext | None = None,
+) -> Any:
+    """Small JSON-over-HTTP client (stdlib): the demo must not need more.
+
+    ``token`` is sent as ``Authorization: Bearer`` (the control plane's API needs one: e.g. ``ControlPlane.admin_token``);
+    ``context`` verifies an HTTPS server against a private CA or self-signed certificate.
+    """
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             raw = resp.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
@@ -51,9 +64,16 @@ class AgentProcess:
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
     api_port: int | None = None
+    device_token: str | None = None  # written to state/keys/device.token: the agent sends it to the control plane
+    tuf_root: Path | None = None  # the control plane's TUF root.json; None: fetched from the server on first start (simulator only)
+    update_trust: str | None = None  # "signature-only" for agents without TUF
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.device_token:
+            keys = self.state_dir / "keys"
+            keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write(keys / "device.token", (self.device_token + "\n").encode(), mode=0o600)
         (self.state_dir / "api.port").unlink(missing_ok=True)
         cmd = [
             sys.executable, "-m", "edgewise.cli.main", "agent",
@@ -63,10 +83,38 @@ class AgentProcess:
         ]
         for t in self.tags:
             cmd += ["--tag", t]
+        if self.update_trust:
+            cmd += ["--update-trust", self.update_trust]
+        if self.update_trust != "signature-only":
+            root = self.tuf_root or self._fetch_tuf_root()
+            if root is not None:
+                cmd += ["--tuf-root", str(root)]
         log = open(self.log_path or (self.state_dir / "agent.log"), "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
+
+    def _fetch_tuf_root(self) -> Path | None:
+        """Trust on first use, for simulated devices only: a real device gets root.json at provisioning.
+
+        None when the device already has a root or the server cannot be reached (an agent started while the
+        control plane is down): the agent then serves its committed model and refuses updates until it has one.
+        """
+        import urllib.error
+        import urllib.request
+
+        if (self.state_dir / "trust" / "root.json").is_file():
+            return None
+        dest = self.state_dir / "tuf-root-provisioned.json"
+        if not dest.is_file():
+            headers = {"Authorization": f"Bearer {self.device_token}"} if self.device_token else {}
+            req = urllib.request.Request(self.server_url.rstrip("/") + "/api/v1/tuf/metadata/1.root.json", headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    atomic_write(dest, resp.read())
+            except (urllib.error.URLError, OSError):
+                return None
+        return dest
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         port_file = self.state_dir / "api.port"

@@ -2,14 +2,14 @@
 
 from fastapi import APIRouter
 
-from . import deployments, devices, models, system, telemetry
+from . import auth, deployments, devices, models, provisioning, releases, system, telemetry
 
 API_PREFIX = "/api/v1"
 
 
 def api_router() -> APIRouter:
     router = APIRouter(prefix=API_PREFIX)
-    for module in (devices, models, deployments, telemetry, system):
+    for module in (devices, models, deployments, telemetry, system, auth, provisioning, releases):
         router.include_router(module.router)
     return router
 

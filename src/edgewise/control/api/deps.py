@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from ..auth import Principal, current_principal
 from ..deployments import Publisher
 from ..registry import Registry
 from ..services import ControlServices
@@ -37,3 +38,8 @@ def get_publisher(services: ControlServices = Depends(get_services)) -> Publishe
 
 def get_public_url(services: ControlServices = Depends(get_services)) -> str:
     return services.settings.effective_public_url
+
+
+def get_principal(request: Request) -> Principal:
+    """Who is calling (already authenticated by the route's rule; see ``control.auth``)."""
+    return current_principal(request)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from sqlalchemy.orm import Session
 
 from .. import devices as fleet
+from ..auth import OPERATOR, VIEWER, VIEWER_OR_OWN_DEVICE
 from ..deployments import Publisher, publish_desired
 from ..schemas import DeviceOut, DeviceRegister
 from ..telemetry import latest_per_device
@@ -19,6 +20,7 @@ router = APIRouter(prefix="/devices", tags=["devices"])
     response_model=DeviceOut,
     status_code=status.HTTP_201_CREATED,
     responses={200: {"description": "Already registered; tags replaced.", "model": DeviceOut}},
+    dependencies=[OPERATOR],
 )
 def register_device(
     body: DeviceRegister,
@@ -38,7 +40,7 @@ def register_device(
     return DeviceOut.of(device, latest_per_device(session, [device.id]).get(device.id))
 
 
-@router.get("", response_model=list[DeviceOut])
+@router.get("", response_model=list[DeviceOut], dependencies=[VIEWER])
 def list_devices(
     tag: str | None = Query(default=None, description="Only devices with this tag."),
     session: Session = Depends(get_session),
@@ -49,7 +51,10 @@ def list_devices(
     return [DeviceOut.of(d, latest.get(d.id)) for d in devices]
 
 
-@router.get("/{device_id}", response_model=DeviceOut, responses={404: {"description": "Unknown device."}})
+@router.get(
+    "/{device_id}", response_model=DeviceOut, responses={404: {"description": "Unknown device."}},
+    dependencies=[VIEWER_OR_OWN_DEVICE],
+)
 def show_device(device_id: str, session: Session = Depends(get_session)) -> DeviceOut:
     device = fleet.get_device(session, device_id)
     return DeviceOut.of(device, latest_per_device(session, [device_id]).get(device_id))

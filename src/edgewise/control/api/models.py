@@ -16,6 +16,8 @@ from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
+from .. import audit
+from ..auth import OPERATOR, VIEWER, VIEWER_OR_ANY_DEVICE
 from ..errors import ControlError, InvalidRequestError, ModelNotFoundError, UploadTooLargeError
 from ..registry import Registry
 from ..schemas import ModelSummary, ModelVersionDetail, ModelVersionOut
@@ -60,6 +62,7 @@ class UnsupportedUploadError(ControlError):
         415: {"description": "Neither application/octet-stream nor multipart/form-data."},
         422: {"description": "The bundle does not verify; the message names what failed."},
     },
+    dependencies=[OPERATOR],
 )
 async def upload_model(
     request: Request, response: Response, services: ControlServices = Depends(get_services)
@@ -94,6 +97,7 @@ async def upload_model(
             "or as multipart/form-data field 'file'"
         )
     detail, created = await run_in_threadpool(_store, services, upload)
+    audit.note(request, target=f"model:{detail.name}/{detail.version}", sha256=detail.sha256, created=created)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return detail
 
@@ -109,7 +113,7 @@ def _store(services: ControlServices, upload: Path) -> tuple[ModelVersionDetail,
         return ModelVersionDetail.of(result.version, services.settings.effective_public_url), result.created
 
 
-@router.get("", response_model=list[ModelSummary])
+@router.get("", response_model=list[ModelSummary], dependencies=[VIEWER])
 def list_models(session: Session = Depends(get_session)) -> list[ModelSummary]:
     """Every model name with its versions."""
     by_name: dict[str, list[str]] = {}
@@ -118,7 +122,10 @@ def list_models(session: Session = Depends(get_session)) -> list[ModelSummary]:
     return [ModelSummary(name=n, versions=v, latest=v[-1]) for n, v in sorted(by_name.items())]
 
 
-@router.get("/{name}", response_model=list[ModelVersionOut], responses={404: {"description": "Unknown model."}})
+@router.get(
+    "/{name}", response_model=list[ModelVersionOut], responses={404: {"description": "Unknown model."}},
+    dependencies=[VIEWER],
+)
 def list_versions(
     name: str, session: Session = Depends(get_session), public_url: str = Depends(get_public_url)
 ) -> list[ModelVersionOut]:
@@ -130,7 +137,8 @@ def list_versions(
 
 
 @router.get(
-    "/{name}/{version}", response_model=ModelVersionDetail, responses={404: {"description": "Unknown version."}}
+    "/{name}/{version}", response_model=ModelVersionDetail, responses={404: {"description": "Unknown version."}},
+    dependencies=[VIEWER],
 )
 def show_version(
     name: str, version: str, session: Session = Depends(get_session), public_url: str = Depends(get_public_url)
@@ -148,6 +156,7 @@ def show_version(
         404: {"description": "Unknown version."},
         416: {"description": "Range not satisfiable."},
     },
+    dependencies=[VIEWER_OR_ANY_DEVICE],
 )
 def download_bundle(
     name: str, version: str, session: Session = Depends(get_session), registry: Registry = Depends(get_registry)

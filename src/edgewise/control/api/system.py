@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from sqlalchemy import text
 
 from ... import __version__
+from ..auth import PUBLIC
 from ..bus import redact_url
 from ..schemas import HealthOut, MqttStatus
 from ..services import ControlServices
@@ -14,7 +15,7 @@ from .deps import get_services
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health", response_model=HealthOut)
+@router.get("/health", response_model=HealthOut, dependencies=[PUBLIC])
 def health(services: ControlServices = Depends(get_services)) -> HealthOut:
     """``status`` is ``degraded`` while the database or the broker is unreachable (the API still answers)."""
     try:

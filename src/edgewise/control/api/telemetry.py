@@ -7,6 +7,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from .. import telemetry as ts
+from ..auth import VIEWER, VIEWER_OR_OWN_DEVICE
 from ..devices import get_device
 from ..models import Device, ModelVersion
 from ..schemas import EventOut, IngestStatsOut, StatsOut, SummaryOut, TelemetryOut
@@ -18,14 +19,14 @@ router = APIRouter(tags=["telemetry"])
 MAX_LIMIT = 100_000
 
 
-@router.get("/telemetry/latest", response_model=list[TelemetryOut])
+@router.get("/telemetry/latest", response_model=list[TelemetryOut], dependencies=[VIEWER])
 def latest_telemetry(session: Session = Depends(get_session)) -> list[TelemetryOut]:
     """The newest sample of every device that has reported any."""
     latest = ts.latest_per_device(session)
     return [TelemetryOut.of(latest[k]) for k in sorted(latest)]
 
 
-@router.get("/devices/{device_id}/telemetry", response_model=list[TelemetryOut])
+@router.get("/devices/{device_id}/telemetry", response_model=list[TelemetryOut], dependencies=[VIEWER_OR_OWN_DEVICE])
 def device_telemetry(
     device_id: str,
     limit: int = Query(default=100, ge=1, le=MAX_LIMIT),
@@ -36,7 +37,7 @@ def device_telemetry(
     return [TelemetryOut.of(r) for r in ts.series(session, device_id, limit)]
 
 
-@router.get("/devices/{device_id}/events", response_model=list[EventOut])
+@router.get("/devices/{device_id}/events", response_model=list[EventOut], dependencies=[VIEWER_OR_OWN_DEVICE])
 def device_events(
     device_id: str,
     limit: int = Query(default=100, ge=1, le=MAX_LIMIT),
@@ -47,7 +48,7 @@ def device_events(
     return [EventOut.model_validate(e) for e in ts.recent_events(session, device_id, limit)]
 
 
-@router.get("/devices/{device_id}/summaries", response_model=list[SummaryOut])
+@router.get("/devices/{device_id}/summaries", response_model=list[SummaryOut], dependencies=[VIEWER_OR_OWN_DEVICE])
 def device_summaries(
     device_id: str,
     limit: int = Query(default=100, ge=1, le=MAX_LIMIT),
@@ -58,7 +59,7 @@ def device_summaries(
     return [SummaryOut.model_validate(r) for r in ts.recent_summaries(session, device_id, limit)]
 
 
-@router.get("/stats", response_model=StatsOut)
+@router.get("/stats", response_model=StatsOut, dependencies=[VIEWER])
 def stats(services: ControlServices = Depends(get_services), session: Session = Depends(get_session)) -> StatsOut:
     """Ingest counters (since this process started) and stored row counts."""
     return StatsOut(

@@ -1,8 +1,34 @@
 // Fleet dashboard: polls the REST API every 2 s and redraws the table. No build step, no network
 // beyond this server. Device-provided strings are inserted with textContent only (never as HTML).
+//
+// Authentication: a session cookie (HttpOnly, SameSite=Strict) from the sign-in form; changes send the
+// X-CSRF-Token header read from the edgewise_csrf cookie. For wall displays, a (viewer) API token may be given
+// once in the URL fragment, /#token=ewu_..., which never reaches the server's logs: it is kept in
+// sessionStorage and removed from the address bar at once.
 "use strict";
 
 const API = "/api/v1";
+const TOKEN_KEY = "edgewise.token";
+let me = null;
+
+(function takeTokenFromFragment() {
+  const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+  if (m) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+})();
+
+function authHeaders(extra) {
+  const h = Object.assign({ Accept: "application/json" }, extra || {});
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) h.Authorization = `Bearer ${token}`;
+  const csrf = /(?:^|; )edgewise_csrf=([^;]+)/.exec(document.cookie);
+  if (csrf) h["X-CSRF-Token"] = decodeURIComponent(csrf[1]);
+  return h;
+}
+
+class Unauthorized extends Error {}
 const REFRESH_MS = 2000;
 const STALE_S = 60;
 
@@ -60,14 +86,62 @@ function row(d) {
 }
 
 async function getJSON(path) {
-  const r = await fetch(API + path, { headers: { Accept: "application/json" }, cache: "no-store" });
+  const r = await fetch(API + path, { headers: authHeaders(), cache: "no-store", credentials: "same-origin" });
+  if (r.status === 401) throw new Unauthorized(path);
   if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
   return r.json();
+}
+
+function showLogin(message) {
+  me = null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  document.getElementById("main").hidden = true;
+  document.getElementById("whoami").hidden = true;
+  document.getElementById("login").hidden = false;
+  document.getElementById("summary").textContent = "sign in to see the fleet";
+  const err = document.getElementById("login-error");
+  err.textContent = message || "";
+  err.hidden = !message;
+}
+
+async function whoami() {
+  me = await getJSON("/auth/me");
+  if (me.kind !== "user") throw new Unauthorized("/auth/me");
+  document.getElementById("login").hidden = true;
+  document.getElementById("main").hidden = false;
+  document.getElementById("whoami").hidden = false;
+  document.getElementById("whoami-name").textContent = `${me.name} (${me.role})`;
+  document.getElementById("logout").hidden = me.via !== "cookie";
+}
+
+function auditRow(e) {
+  const tr = el("tr");
+  tr.appendChild(el("td", "", new Date(e.at).toLocaleString()));
+  tr.appendChild(el("td", "", e.actor));
+  tr.appendChild(el("td", "", e.role || "—"));
+  tr.appendChild(el("td", "", e.action));
+  tr.appendChild(el("td", "", e.target));
+  tr.appendChild(el("td", "num", e.status));
+  tr.appendChild(el("td", "", e.remote || "—"));
+  tr.appendChild(el("td", "detail", Object.keys(e.detail || {}).length ? JSON.stringify(e.detail) : ""));
+  return tr;
+}
+
+async function refreshAudit() {
+  const section = document.getElementById("audit");
+  if (!me || (me.role !== "operator" && me.role !== "admin")) {
+    section.hidden = true;
+    return;
+  }
+  const entries = await getJSON("/audit?limit=50");
+  document.getElementById("audit-body").replaceChildren(...entries.map(auditRow));
+  section.hidden = false;
 }
 
 async function refresh() {
   const errorEl = document.getElementById("error");
   try {
+    if (!me) await whoami();
     const [devices, stats, health] = await Promise.all([getJSON("/devices"), getJSON("/stats"), getJSON("/health")]);
     const body = document.getElementById("fleet-body");
     const rows = devices.map(row);
@@ -88,12 +162,41 @@ async function refresh() {
       `${i.telemetry_rows} samples, ${i.duplicates} duplicates, ${i.bad} bad messages`;
     document.getElementById("health").textContent =
       `server ${health.status} · broker ${health.mqtt.connected ? "connected" : "DISCONNECTED"} (${health.mqtt.embedded ? "embedded" : "external"})`;
+    await refreshAudit();
     errorEl.hidden = true;
   } catch (e) {
+    if (e instanceof Unauthorized) {
+      if (document.getElementById("login").hidden) showLogin(me ? "your session ended; sign in again" : "");
+      return;
+    }
     errorEl.textContent = `Cannot reach the control plane (${e.message}); retrying…`;
     errorEl.hidden = false;
   }
 }
 
+document.getElementById("login-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const body = JSON.stringify({
+    username: document.getElementById("login-username").value,
+    password: document.getElementById("login-password").value,
+  });
+  const r = await fetch(API + "/auth/login", {
+    method: "POST", body, credentials: "same-origin",
+    headers: { "Content-Type": "application/json", Accept: "application/json" },
+  });
+  if (!r.ok) {
+    showLogin(r.status === 401 ? "wrong username or password" : `sign-in failed: HTTP ${r.status}`);
+    return;
+  }
+  document.getElementById("login-password").value = "";
+  me = null;
+  refresh();
+});
+
+document.getElementById("logout").addEventListener("click", async () => {
+  await fetch(API + "/auth/logout", { method: "POST", headers: authHeaders(), credentials: "same-origin" });
+  showLogin("signed out");
+});
+
 refresh();
-setInterval(refresh, REFRESH_MS);
+setInterval(() => { if (me) refresh(); }, REFRESH_MS);
