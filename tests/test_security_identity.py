@@ -153,6 +153,30 @@ def test_device_enrolls_with_a_token_and_gets_certificate_ca_broker_url_and_a_06
     assert httpx.get(f"{cp.url}/api/v1/devices/{dev}", headers={"Authorization": f"Bearer {cp.admin}"}).json()["tags"] == ["lab", "cam"]
 
 
+def test_enrollment_installs_the_control_planes_current_tuf_root_as_the_devices_update_trust_anchor(cp, tmp_path):
+    dev = _uid("tuf")
+    enroll(cp.url, _new_token(cp), tmp_path / dev, device_id=dev)
+    root = tmp_path / dev / "trust" / "root.json"
+    served = httpx.get(f"{cp.url}/api/v1/tuf/metadata/1.root.json", headers={"Authorization": f"Bearer {cp.admin}"})
+    assert root.read_bytes() == served.content
+
+
+def test_a_root_already_on_the_device_from_its_factory_image_is_not_replaced_at_enrollment(cp, tmp_path):
+    dev = _uid("fac")
+    root = tmp_path / dev / "trust" / "root.json"
+    root.parent.mkdir(parents=True)
+    root.write_bytes(b"factory root")
+    enroll(cp.url, _new_token(cp), tmp_path / dev, device_id=dev)
+    assert root.read_bytes() == b"factory root"
+
+
+def test_enrolling_against_an_unreachable_server_says_to_check_the_server_url(tmp_path):
+    from edgewise.agent.enroll import EnrollError
+
+    with pytest.raises(EnrollError, match="cannot reach the control plane.*check --server"):
+        enroll("http://127.0.0.1:9", "ewe_x", tmp_path / "dev", device_id="unreachable-1")
+
+
 def test_a_device_can_enroll_a_key_kept_in_softhsm_but_its_mqtt_tls_link_then_says_it_needs_a_key_file(cp, tmp_path, softhsm):
     from edgewise.agent.enroll import LinkSecurityError
 

@@ -102,7 +102,11 @@ def test_the_refresher_renews_timestamp_and_snapshot_before_they_expire_under_a_
         assert ts1.version > ts0.version and ts1.expires > now[0] + timedelta(hours=23)
         snap_v = repo.load("snapshot").signed.version
         now[0] = start + timedelta(days=4)  # past half of the snapshot's week
-        while repo.load("snapshot").signed.version == snap_v and time.monotonic() < deadline:
+        def renewed() -> bool:  # the snapshot is written first, then the timestamp that names it
+            snap = repo.load("snapshot").signed.version
+            return snap != snap_v and repo.load("timestamp").signed.snapshot_meta.version == snap
+
+        while not renewed() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert repo.load("snapshot").signed.expires > now[0] + timedelta(days=6)
         assert repo.load("timestamp").signed.snapshot_meta.version == repo.load("snapshot").signed.version

@@ -68,8 +68,6 @@ def enroll(
     or a new one (hostname + random suffix). An existing identity key is reused (re-enrolling
     after a certificate expired or the CA changed); it is never overwritten.
     """
-    import httpx
-
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     conf_path = state_dir / CONFIG_FILE
@@ -97,18 +95,7 @@ def enroll(
     csr = build_csr(keystore, IDENTITY_LABEL, device_id)
 
     url = server_url.rstrip("/") + ENROLL_PATH
-    try:
-        resp = httpx.post(url, json={"token": token, "device_id": device_id, "csr": csr.decode()},
-                          timeout=timeout, verify=verify)
-    except httpx.HTTPError as exc:
-        raise EnrollError(f"cannot reach the control plane at {server_url} ({exc}); check --server and the network") from None
-    if resp.status_code != 201:
-        try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
-            detail = resp.text
-        raise EnrollError(f"enrollment refused ({resp.status_code}): {detail}")
-    body = resp.json()
+    body = _post_json(url, {"token": token, "device_id": device_id, "csr": csr.decode()}, verify=verify, timeout=timeout)
 
     cert_path, ca_path, token_path = keys / "device.crt", keys / "ca.crt", keys / "device.token"
     atomic_write(cert_path, body["certificate"].encode(), mode=0o644)
@@ -119,10 +106,50 @@ def enroll(
         updated["tags"] = body["tags"]
     updated.pop("state_dir", None)
     write_toml(conf_path, updated)
+    root = state_dir / "trust" / "root.json"
+    if body.get("tuf_root") and not root.exists():
+        # A root from the factory image (already there) wins: it came out of band. Otherwise the one from this
+        # token-authenticated exchange anchors updates (compare its keys with `edgewise tuf status` if in doubt).
+        from .tuf_client import install_root_bytes
+
+        try:
+            install_root_bytes(body["tuf_root"].encode(), root)
+        except ValueError as exc:
+            raise EnrollError(f"the control plane sent a TUF root that is not valid: {exc}") from None
     log.info("enrolled as %s (certificate serial %s, valid until %s); broker %s",
              device_id, body["serial"], body["not_after"], body["broker_url"])
     return EnrollResult(device_id, state_dir, body["broker_url"], cert_path, ca_path, token_path,
                         body["serial"], body["not_after"], list(body.get("tags") or []))
+
+
+def _post_json(url: str, payload: dict[str, Any], *, verify: bool | str, timeout: float) -> dict[str, Any]:
+    """POST JSON with the standard library (the agent does not ship an HTTP client library)."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = None
+    if url.startswith("https:"):
+        if verify is False:
+            context = ssl._create_unverified_context()  # explicit opt-out for a lab setup (--insecure)
+        else:
+            context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "User-Agent": "edgewise-agent"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            detail = json.loads(raw).get("detail", raw.decode(errors="replace"))
+        except (ValueError, AttributeError):
+            detail = raw.decode(errors="replace")
+        raise EnrollError(f"enrollment refused ({exc.code}): {detail}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise EnrollError(f"cannot reach the control plane at {url} ({reason}); check --server and the network") from None
 
 
 class LinkSecurityError(RuntimeError):

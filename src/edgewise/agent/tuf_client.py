@@ -185,16 +185,22 @@ def install_root(source: Path | str, dest: Path) -> None:
     The root is self-signed: it is checked against its own keys and threshold, so a
     truncated or edited file is caught here rather than at the first update.
     """
+    try:
+        data = Path(source).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror or exc}") from None
+    install_root_bytes(data, dest)
+
+
+def install_root_bytes(data: bytes, dest: Path) -> None:
+    """``install_root`` for root metadata already in memory (e.g. received at enrollment)."""
     from tuf.api.metadata import Metadata, Root
 
     try:
-        data = Path(source).read_bytes()
         md = Metadata[Root].from_bytes(data)
         if md.signed.type != "root":
             raise ValueError(f"it holds {md.signed.type} metadata, not root")
         md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
-    except OSError as exc:
-        raise ValueError(f"cannot read it: {exc.strerror or exc}") from None
     except Exception as exc:  # deserialization or signature errors from python-tuf
         raise ValueError(f"not valid, self-signed TUF root metadata ({type(exc).__name__}: {exc}); copy "
                          "<data-dir>/tuf/metadata/1.root.json from the control plane") from None
@@ -204,4 +210,4 @@ def install_root(source: Path | str, dest: Path) -> None:
     atomic_write(dest, data)
 
 
-__all__ = ["install_root", "HeaderFetcher", "TufClient", "TufUpdateError", "classify", "verify_target_file"]
+__all__ = ["install_root", "install_root_bytes", "HeaderFetcher", "TufClient", "TufUpdateError", "classify", "verify_target_file"]

@@ -174,6 +174,10 @@ class TufService:
         self.repo.add_targets([(row.target, path, release_custom(row.version))])
         return row.target
 
+    def current_root_json(self) -> bytes:
+        """The newest root metadata: what enrollment hands a new device (no rotations to walk through)."""
+        return (self.repo.metadata_dir / "root.json").read_bytes()
+
     def root_json(self) -> bytes:
         """Version 1 of the root metadata: what devices are provisioned with."""
         return self.repo.root_bytes(1)

@@ -7,47 +7,25 @@ Upload either way:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
-from starlette.datastructures import UploadFile
 
 from .. import audit
 from ..auth import OPERATOR, VIEWER, VIEWER_OR_ANY_DEVICE
-from ..errors import ControlError, InvalidRequestError, ModelNotFoundError, UploadTooLargeError
+from ..errors import ModelNotFoundError
 from ..registry import Registry
 from ..schemas import ModelSummary, ModelVersionDetail, ModelVersionOut
 from ..services import ControlServices
 from .deps import get_public_url, get_registry, get_services, get_session
+from .uploads import receive_upload, upload_body
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-UPLOAD_CHUNK = 1 << 20
-
-_UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "A signed .ewb bundle, as the raw body or as the multipart field `file`.",
-        "content": {
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
-            },
-        },
-    }
-}
-
-
-class UnsupportedUploadError(ControlError):
-    status_code = 415
+_UPLOAD_BODY = upload_body("A signed .ewb bundle")
 
 
 @router.post(
@@ -72,39 +50,11 @@ async def upload_model(
     Versions are immutable: re-uploading the same bytes is accepted (200), different
     bytes under the same name and version are refused (409).
     """
-    registry = services.registry
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > registry.max_upload_bytes + 64 * 1024:
-        raise UploadTooLargeError(
-            f"upload of {int(declared)} bytes exceeds the {registry.max_upload_bytes // 2**20} MB limit; "
-            "raise max_upload_mb in the server settings if this bundle is legitimate"
-        )
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=5)
-        try:
-            file = form.get("file")
-            if not isinstance(file, UploadFile):
-                raise InvalidRequestError("multipart upload needs the bundle in a field named 'file'")
-            upload = await registry.spool(_read_upload(file))
-        finally:
-            await form.close()
-    elif ctype in ("application/octet-stream", "application/zip", ""):
-        upload = await registry.spool(request.stream())
-    else:
-        raise UnsupportedUploadError(
-            f"Content-Type {ctype!r} is not accepted: send the .ewb as application/octet-stream "
-            "or as multipart/form-data field 'file'"
-        )
+    upload = await receive_upload(request, services.registry, what="bundle", suffix=".ewb")
     detail, created = await run_in_threadpool(_store, services, upload)
     audit.note(request, target=f"model:{detail.name}/{detail.version}", sha256=detail.sha256, created=created)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return detail
-
-
-async def _read_upload(file: UploadFile) -> AsyncIterator[bytes]:
-    while chunk := await file.read(UPLOAD_CHUNK):
-        yield chunk
 
 
 def _store(services: ControlServices, upload: Path) -> tuple[ModelVersionDetail, bool]:

@@ -64,6 +64,7 @@ class EnrollResponse(BaseModel):
     tags: list[str]
     serial: str
     not_after: str
+    tuf_root: str | None = Field(default=None, description="The current TUF root metadata (JSON): the device's update trust anchor.")
 
 
 class RevokeRequest(BaseModel):
@@ -124,12 +125,15 @@ def list_enrollment_tokens(session: Session = Depends(get_session)) -> list[dict
                         409: {"description": "Token already used."}, 410: {"description": "Token expired."},
                         422: {"description": "Malformed CSR, bad signature, or CN is not the device id."}})
 def enroll(body: EnrollRequest, session: Session = Depends(get_session),
-           p: prov.Provisioning = Depends(_provisioning)) -> EnrollResponse:
+           p: prov.Provisioning = Depends(_provisioning),
+           services: ControlServices = Depends(get_services)) -> EnrollResponse:
     """A device exchanges its enrollment token and CSR for a client certificate, the CA, the broker URL and a device token."""
     e = prov.enroll(session, p, token=body.token, device_id=body.device_id, csr_pem=body.csr)
+    tuf = services.tuf
     return EnrollResponse(
         device_id=e.device_id, certificate=e.certificate_pem, ca_certificate=e.ca_certificate_pem, broker_url=e.broker_url,
         device_token=e.device_token, tags=e.tags, serial=e.serial, not_after=e.not_after,
+        tuf_root=tuf.current_root_json().decode() if tuf is not None else None,
     )
 
 

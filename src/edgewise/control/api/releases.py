@@ -18,17 +18,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
-from starlette.datastructures import UploadFile
 
 from .. import audit
 from .. import releases as rel
 from ..auth import OPERATOR, VIEWER, VIEWER_OR_ANY_DEVICE
-from ..errors import InvalidRequestError, UploadTooLargeError
 from ..models import AgentRelease
 from ..registry import Registry
 from ..services import ControlServices
 from .deps import get_public_url, get_registry, get_services, get_session
-from .models import UnsupportedUploadError, _read_upload
+from .uploads import receive_upload, upload_body
 
 router = APIRouter(prefix="/agent-releases", tags=["agent-releases"])
 
@@ -54,18 +52,7 @@ class AgentReleaseOut(BaseModel):
         )
 
 
-_UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "A signed .ewr agent release (`edgewise release build`), as the raw body or as the multipart field `file`.",
-        "content": {
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}
-            },
-        },
-    }
-}
+_UPLOAD_BODY = upload_body("A signed .ewr agent release (`edgewise release build`)")
 
 
 @router.post(
@@ -87,29 +74,7 @@ async def upload_release(request: Request, response: Response, services: Control
 
     Versions are immutable: the same bytes again are accepted (200), other bytes under the same version refused (409).
     """
-    registry = services.registry
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > registry.max_upload_bytes + 64 * 1024:
-        raise UploadTooLargeError(
-            f"upload of {int(declared)} bytes exceeds the {registry.max_upload_bytes // 2**20} MB limit; "
-            "raise max_upload_mb in the server settings if this release is legitimate"
-        )
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=5)
-        try:
-            file = form.get("file")
-            if not isinstance(file, UploadFile):
-                raise InvalidRequestError("multipart upload needs the release in a field named 'file'")
-            upload = await registry.spool(_read_upload(file))
-        finally:
-            await form.close()
-    elif ctype in ("application/octet-stream", "application/zip", ""):
-        upload = await registry.spool(request.stream())
-    else:
-        raise UnsupportedUploadError(
-            f"Content-Type {ctype!r} is not accepted: send the .ewr as application/octet-stream or as multipart/form-data field 'file'"
-        )
+    upload = await receive_upload(request, services.registry, what="agent release", suffix=".ewr")
     out, created = await run_in_threadpool(_store, services, upload)
     audit.note(request, target=f"agent-release:{out.version}", sha256=out.sha256, created=created)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
