@@ -217,3 +217,41 @@ def test_slots_opened_by_a_tool_on_the_state_dir_read_sealed_slots_with_the_agen
     rec = slots.record()
     assert is_sealed(state / "slots" / rec.slot / "bundle.ewb")
     assert sha256_file(slots.bundle(rec.slot)) == rec.sha256 == sha256_file(bundles["1.0.0"])
+
+
+def test_a_large_model_in_a_sealed_slot_verifies_and_loads_to_the_same_outputs_as_the_plain_file(tmp_path):
+    """Above 4 MiB the plaintext goes into an anonymous huge-page map and the model into a fresh bytes object."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgewise.agent.runtime import LoadedModel
+    from edgewise.agent.slots import SlotSealer, Slots
+    from edgewise.bundle import build_bundle
+    from edgewise.bundle.verify import verify_bundle
+    from edgewise.security import TrustedKeys, generate_keypair, load_signer
+
+    n = 1100  # 1100 x 1100 float32: 4.8 MB
+    w = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], initializer=[numpy_helper.from_array(w, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = proto.SerializeToString()
+    generate_keypair(tmp_path / "s.key", tmp_path / "s.pub", overwrite=True)
+    build_bundle(model, name="big", version="1.0.0", signer=load_signer(tmp_path / "s.key"), out=tmp_path / "big.ewb")
+    ks = FileKeystore(tmp_path / "keys")
+    ks.create_key("storage", "aes-256")
+    slots = Slots(tmp_path / "slots", sealer=SlotSealer(ks, "dev-big"))
+    slots.stage(tmp_path / "big.ewb")
+    assert is_sealed(tmp_path / "slots" / "a" / "bundle.ewb")
+    vb = verify_bundle(slots.bundle("a"), TrustedKeys.from_paths([tmp_path / "s.pub"]))
+    assert vb.read_model() == model
+    loaded = LoadedModel.from_bundle(vb, threads=1)
+    x = np.ones((1, n), dtype=np.float32)
+    expected = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(loaded._session.run(None, {"x": x})[0], expected)

@@ -231,3 +231,38 @@ def test_the_outbox_data_key_is_stored_wrapped_0600_and_replaced_when_the_storag
     ks.create_key("storage", "aes-256")  # a new storage key: the old data key no longer unwraps
     new, moved = load_or_replace_data_key(ks, "storage", path, "outbox;device=d")
     assert new != key and moved is not None and moved.name.startswith("outbox.key.unreadable-")
+
+
+# -- large data: the huge-page plaintext buffer and the copy ONNX Runtime gets ------------------------
+
+
+def test_a_large_sealed_file_decrypts_into_memory_with_the_digest_of_its_prefix(ks, tmp_path):
+    from edgewise.security.encryption import open_sealed_digest
+
+    data = os.urandom(9 << 20)  # above the size that goes into an anonymous (huge-page) map
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    seal_file(src, tmp_path / "big.ewb", keystore=ks, key_label="storage", context=CTX)
+    plain, digest = open_sealed_digest(tmp_path / "big.ewb", keystore=ks, context=CTX, digest_tail=64)
+    import hashlib
+
+    assert plain == data
+    assert digest.result().digest() == hashlib.sha256(data[:-64]).digest()
+
+
+def test_copy_to_bytes_returns_an_independent_bytes_object_equal_to_the_source():
+    import mmap
+
+    from edgewise.security.encryption import copy_to_bytes
+
+    data = os.urandom((6 << 20) + 3)
+    buf = mmap.mmap(-1, len(data), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf[:] = data
+    view = memoryview(buf)[5 : len(data) - 7]
+    out = copy_to_bytes(view)
+    assert type(out) is bytes and out == data[5:-7] and hash(out) == hash(data[5:-7])
+    view[:4] = b"\0\0\0\0"  # the source changes afterwards; the copy does not
+    assert out[:4] == data[5:9]
+    view.release()
+    buf.close()
+    assert copy_to_bytes(b"small") == b"small" and copy_to_bytes(bytearray(data)) == data
