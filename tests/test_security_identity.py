@@ -378,3 +378,26 @@ def test_an_enrolled_agent_logs_in_to_the_embedded_broker_with_its_device_token(
         assert agent.link.protocol == mqtt.MQTTv311  # amqtt said "unsupported protocol version" to v5
     finally:
         agent.stop()
+
+
+def test_the_cli_creates_an_enrollment_token_enrolls_with_it_and_revokes_the_device(cp, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgewise.cli.main import app
+
+    runner = CliRunner()
+    env = {"EDGEWISE_API_TOKEN": cp.admin}
+    dev = _uid("cli")
+    made = runner.invoke(app, ["device", "token", "--server", cp.url, "--tag", "cli", "--device-id", dev], env=env)
+    assert made.exit_code == 0, made.output
+    token = made.stdout.strip().splitlines()[0]
+    enrolled = runner.invoke(app, ["device", "enroll", "--server", cp.url, "--token", token,
+                                   "--state-dir", str(tmp_path / dev), "--device-id", dev, "--json"])
+    assert enrolled.exit_code == 0, enrolled.output
+    device_token = (tmp_path / dev / "keys" / "device.token").read_text().strip()
+    assert httpx.get(f"{cp.url}/api/v1/devices/{dev}", headers={"Authorization": f"Bearer {device_token}"}).status_code == 200
+    revoked = runner.invoke(app, ["device", "revoke", dev, "--server", cp.url, "--reason", "stolen", "--json"], env=env)
+    assert revoked.exit_code == 0, revoked.output
+    assert httpx.get(f"{cp.url}/api/v1/devices/{dev}", headers={"Authorization": f"Bearer {device_token}"}).status_code == 401
+    again = runner.invoke(app, ["device", "revoke", dev, "--server", cp.url], env={"EDGEWISE_API_TOKEN": "ewt_wrong"})
+    assert again.exit_code != 0 and "401" in again.output
