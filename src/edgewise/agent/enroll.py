@@ -23,7 +23,6 @@ from typing import Any
 
 from ..fsutil import atomic_write
 from ..protocol import topics
-from ..security.ca import build_csr
 from ..security.keystore import FileKeystore, Keystore, open_keystore
 from .config import CONFIG_FILE, AgentConfig, default_device_id, write_toml
 
@@ -92,6 +91,8 @@ def enroll(
     if not keystore.has_key(IDENTITY_LABEL):
         keystore.create_key(IDENTITY_LABEL, "ec-p256")
         log.info("created the device identity key %r in %s", IDENTITY_LABEL, keystore.url)
+    from ..security.ca import build_csr  # asn1crypto: only enrollment needs it, not a running agent
+
     csr = build_csr(keystore, IDENTITY_LABEL, device_id)
 
     url = server_url.rstrip("/") + ENROLL_PATH

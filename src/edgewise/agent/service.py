@@ -774,11 +774,38 @@ def _tuf_client(config: AgentConfig, fetcher: HttpFetcher) -> Any:
                 '(edgewise agent --tuf-root FILE), or set update_trust = "signature-only"', config.tuf_root_path,
             )
         return None
-    from .tuf_client import TufClient
+    server_url = config.server_url
 
-    return TufClient(
-        config.tuf_root_path, config.tuf_cache_dir, config.server_url, headers=fetcher.headers, timeout=config.download_timeout_s,
-    )
+    def build() -> Any:
+        from .tuf_client import TufClient
+
+        return TufClient(config.tuf_root_path, config.tuf_cache_dir, server_url, headers=fetcher.headers,
+                         timeout=config.download_timeout_s)
+
+    return _OnFirstUse(build)
+
+
+class _OnFirstUse:
+    """Builds the real object at its first use: python-tuf and securesystemslib cost ~5 MB of resident memory,
+    and an agent needs them only when an update arrives, not to serve."""
+
+    def __init__(self, build: Any) -> None:
+        self._build = build
+        self._obj: Any = None
+
+    def _target(self) -> Any:
+        if self._obj is None:
+            self._obj = self._build()
+        return self._obj
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._target(), name, value)
 
 
 STORAGE_KEY = "storage"
