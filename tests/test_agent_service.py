@@ -221,3 +221,29 @@ def test_run_agent_stops_cleanly_on_sigterm_and_says_offline(tmp_path, keys_dir,
     assert not (state / "api.port").exists()
     again = make_agent(state, keys_dir)  # the state directory lock was released
     again.stop()
+
+
+def test_observers_see_every_served_prediction_as_the_model_saw_it_and_cannot_fail_it(tmp_path, keys_dir, bundles, digits_data):
+    agent = make_agent(tmp_path / "obs", keys_dir, device_id="obs-1")
+    try:
+        assert agent.install(bundles["1.0.0"]).result == "ok"
+        seen = []
+
+        class Recorder:
+            def observe(self, model, feed, outputs):
+                seen.append((model.version, {k: v.copy() for k, v in feed.items()}, set(outputs)))
+
+        class Broken:
+            def observe(self, model, feed, outputs):
+                raise RuntimeError("observer bug")
+
+        agent.observers += [Broken(), Recorder()]
+        x = digits_data.x_test[:2]
+        out = agent.predict(x)
+        assert out and len(seen) == 1
+        version, feed, names = seen[0]
+        assert version == "1.0.0" and names == set(out)
+        (fed,) = feed.values()
+        assert fed.dtype == np.float32 and np.allclose(fed, x.astype(np.float32) / 16)  # preprocessing applied
+    finally:
+        agent.stop()

@@ -188,6 +188,11 @@ class LoadedModel:
         dtype or shape does not fit the manifest, :class:`InferenceError` when
         ONNX Runtime fails on valid input.
         """
+        return self.run(inputs)[0]
+
+    def run(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``predict``, also returning the feed ONNX Runtime got (inputs after validation and preprocessing):
+        what observers of the data (drift, sample capture) look at, exactly as the model saw it."""
         single = self._single
         if single is not None and inputs.__class__ is np.ndarray:  # the hot path: no dict walking
             if not single.matches(inputs):  # type: ignore[arg-type]
@@ -205,7 +210,7 @@ class LoadedModel:
             outputs = self._run(self.output_names, feed)
         except Exception as exc:
             raise InferenceError(f"{self.name} {self.version}: ONNX Runtime failed: {exc}") from None
-        return dict(zip(self.output_names, outputs))
+        return dict(zip(self.output_names, outputs)), feed
 
     def _feed(self, inputs: Any) -> dict[str, Any]:
         if isinstance(inputs, np.ndarray):  # an ndarray subclass (memmap, ...) for a single-input model

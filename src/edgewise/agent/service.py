@@ -35,6 +35,7 @@ from .api import LocalApi
 from .config import AgentConfig
 from ..fsutil import atomic_write
 from .monitor import Monitor
+from .observers import PredictionObserver
 from .outbox import Outbox, drain_once
 from .runtime import LoadedModel
 from .slots import Slots
@@ -98,6 +99,9 @@ class Agent:
         self.bandwidth_mode: str = config.bandwidth_mode
         self._summarize = config.bandwidth_mode == "summary"
         self._model: LoadedModel | None = None
+        # Watchers of every served prediction (drift, sample capture): ``observe(model, feed, outputs)`` with the
+        # feed exactly as ONNX Runtime got it; see ``agent.observers.PredictionObserver``.
+        self.observers: list[PredictionObserver] = []
         fetcher = HttpFetcher(config.server_url, timeout=config.download_timeout_s, token_file=config.device_token_path)
         self.updater = Updater(
             self.slots,
@@ -184,13 +188,18 @@ class Agent:
         """Like :meth:`predict` on a model the caller already picked (the HTTP API reports which one served)."""
         t0 = time.perf_counter_ns()
         try:
-            out = model.predict(inputs)
+            out, feed = model.run(inputs)
         except Exception:
             self.monitor.count_error()
             raise
         self.monitor.record(time.perf_counter_ns() - t0)
         if self._summarize:
             self._observe(out)
+        for observer in self.observers:
+            try:
+                observer.observe(model, feed, out)
+            except Exception:  # watching the data must never fail a prediction
+                log.debug("prediction observer %r failed", observer, exc_info=True)
         return out
 
     def _observe(self, out: Mapping[str, np.ndarray]) -> None:
