@@ -65,6 +65,16 @@ def _enqueue_rates(root: Path) -> dict:
         for r in recs[:10_000]:
             ob.enqueue(r)
         out["enqueue_single_per_s"] = round(10_000 / (time.perf_counter() - t))
+    import os
+
+    from edgewise.security.encryption import RowSealer
+
+    # what the agent runs by default: every row sealed with AES-256-GCM, bound to (device id, seq)
+    with Outbox(root / "sealed.db", max_bytes=256 * 2**20, sealer=RowSealer(os.urandom(32), DEVICE)) as ob:
+        t = time.perf_counter()
+        for r in recs[:10_000]:
+            ob.enqueue(r)
+        out["enqueue_single_sealed_per_s"] = round(10_000 / (time.perf_counter() - t))
     for batch in (100, 1000):
         with Outbox(root / f"batch{batch}.db", max_bytes=256 * 2**20) as ob:
             t = time.perf_counter()
@@ -242,9 +252,10 @@ def run() -> dict:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     res["wire_ratio_vs_json"] = round(res["json_wire_bytes_per_event"] / res["batch_wire_bytes_per_event"], 1)
-    res["limit"] = f"enqueue (batched) and drain >= {TARGET_PER_S}/s"
+    res["limit"] = f"enqueue (one record per transaction, sealed, and batched) and drain >= {TARGET_PER_S}/s"
     res["pass"] = (
-        res["enqueue_batch100_per_s"] >= TARGET_PER_S and res["drain_per_s"] >= TARGET_PER_S
+        min(res["enqueue_single_sealed_per_s"], res["enqueue_batch100_per_s"]) >= TARGET_PER_S
+        and res["drain_per_s"] >= TARGET_PER_S
         and res["received_unique_seq"] == BUFFERED
     )
     return res
@@ -256,6 +267,7 @@ def markdown(r: dict) -> str:
 | what | figure |
 |---|---:|
 | `enqueue` one record per transaction (WAL, NORMAL) | {r['enqueue_single_per_s']:,}/s |
+| `enqueue` one record per transaction, row sealed (AES-256-GCM; the agent's default) | {r['enqueue_single_sealed_per_s']:,}/s |
 | `enqueue_many`, 100 per transaction | {r['enqueue_batch100_per_s']:,}/s |
 | `enqueue_many`, 1,000 per transaction | {r['enqueue_batch1000_per_s']:,}/s |
 | `enqueue`, `synchronous=FULL` (fsync every commit) | {r['enqueue_single_full_per_s']:,}/s |
@@ -264,7 +276,8 @@ def markdown(r: dict) -> str:
 | link restored → outbox empty, {r['buffered']:,} buffered | {r['catch_up_s']} s (connect {r['connect_s']} s) |
 | received by a subscriber / unique seq | {r['received_records']:,} / {r['received_unique_seq']:,} |
 
-Target ≥ {TARGET_PER_S:,}/s enqueued (batched) and drained — met: {ok(r['pass'])}.
+Target ≥ {TARGET_PER_S:,}/s enqueued (one durable record per transaction, sealed as the agent stores it, and
+batched) and drained — met: {ok(r['pass'])}.
 
 Bytes on the wire per telemetry event (payload + MQTT PUBLISH framing + PUBACK):
 
