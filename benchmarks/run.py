@@ -10,7 +10,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_adapt  # noqa: E402
 import bench_demo  # noqa: E402
+import bench_drift  # noqa: E402
 import bench_lab  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_outbox  # noqa: E402
@@ -22,7 +24,7 @@ from _common import machine  # noqa: E402
 def main() -> int:
     results = {}
     for name, mod in (("predict", bench_predict), ("memory", bench_memory), ("demo", bench_demo), ("outbox", bench_outbox), ("lab", bench_lab),
-                      ("security", bench_security)):
+                      ("security", bench_security), ("adapt", bench_adapt), ("drift", bench_drift)):
         print(f"== {name}", flush=True)
         results[name] = mod.run()
         print(json.dumps(results[name], indent=2), flush=True)
@@ -77,7 +79,13 @@ split. Profile `x86-vnni-bench` (this machine; figures measured on the target). 
 fine-tuned, then optimized.
 {bench_lab.markdown(results['lab'])}
 ## Encryption at rest and the verified, encrypted model load (issue 5)
-{bench_security.markdown(results['security'])}"""
+{bench_security.markdown(results['security'])}
+## Label-free adaptation: accuracy before/after per shift, AdaBN vs CORAL vs DANN (issue 6)
+{bench_adapt.markdown(results['adapt'])}
+## Drift detection on the device: detection delay and false alarms (issue 6)
+Digits (scikit-learn) with gain / noise / contrast / offset shifts, BasicMotions (aeon) with sensor noise,
+drift and a dead channel; the agent's own `DriftObserver` (`benchmarks/bench_drift.py`, docs/data-drift.md).
+{bench_drift.markdown(results['drift'])}"""
     (HERE.parent / "docs" / "benchmarks.md").write_text(md)
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "latest.json").write_text(json.dumps({"machine": m, **results}, indent=2))

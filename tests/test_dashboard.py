@@ -12,6 +12,7 @@ import pytest
 from conftest import free_port
 from edgewise import protocol as p
 from edgewise.sim.fleet import http_json, wait_until
+from test_data_fleet_drift_e2e import drift_bundle  # noqa: F401  (fixture: a digits bundle with reference statistics)
 
 
 def _chromium() -> str:
@@ -95,3 +96,26 @@ def test_dashboard_shows_the_audit_log_with_who_changed_what(live_server, tmp_pa
     assert 'id="audit">' in dom  # shown to an admin
     assert "token:bootstrap (user:admin)" in dom
     assert "POST /api/v1/devices" in dom
+
+
+def test_dashboard_shows_drift_scores_the_peer_outlier_the_fleet_shift_and_their_alerts(
+        live_server, tmp_path, digits_models, digits_data, drift_bundle, signer):
+    from test_data_fleet_drift_e2e import dead_columns, make_drift_bundle, run_fleet, upload
+
+    live_server.services.ingest.drift.interval_s = 0.0
+    shifted_bundle = make_drift_bundle(tmp_path, digits_models["mlp"], "1.1.0", digits_data, signer)
+    for path, _ in (drift_bundle, shifted_bundle):
+        upload(live_server, path)
+    ids = run_fleet(live_server, drift_bundle, digits_models, digits_data, shift=dead_columns, shifted={3}, prefix="cam-fd")
+    brighter = lambda raw: (raw * 1.6).clip(0, 16).astype("float32")  # noqa: E731
+    run_fleet(live_server, shifted_bundle, digits_models, digits_data, shift=brighter, shifted=set(range(10)), prefix="cam-fs")
+    token = live_server.admin_token
+    wait_until(lambda: len(http_json("GET", f"{live_server.url}/api/v1/alerts?status=open", token=token)) == 2, 20,
+               what="both drift alerts")
+    dom = render(f"{live_server.url}/#token={token}", tmp_path)
+    assert 'id="drift">' in dom  # shown once devices send sketches
+    assert "digits 1.0.0: fleet ok" in dom and f"peer outliers: {ids[3]}" in dom
+    assert 'class="drift-status drift-status-peer_outlier">peer outlier<' in dom
+    assert "digits 1.1.0: fleet-wide shift" in dom
+    assert 'class="drift-status drift-status-drifted">drifted with fleet<' in dom
+    assert f"{ids[3]} is unlike its peers" in dom and "the fleet running digits 1.1.0 has shifted" in dom

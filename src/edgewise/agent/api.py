@@ -132,6 +132,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
+        if path == "/v1/adapt":
+            try:
+                self._adapt()
+            except Exception as exc:
+                log.exception("POST /v1/adapt failed")
+                self._error(500, f"internal error: {type(exc).__name__}: {exc}")
+            return
         if path != "/v1/predict":
             # Drain the body so the keep-alive connection stays in sync.
             self._read_body()
@@ -142,6 +149,26 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:
             log.exception("POST /v1/predict failed")
             self._error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _adapt(self) -> None:
+        """POST /v1/adapt ``{"method": "auto"|"adabn"|"coral"}`` (body optional): adapt the live model to the recent
+        inputs (agent.adapt). 200 with the result when committed, 409 when not (too few samples, rolled back), 503 without a model."""
+        body = self._read_body() or b""
+        method = "auto"
+        if body.strip():
+            try:
+                obj = json.loads(body)
+                method = obj.get("method", "auto") if isinstance(obj, dict) else None
+            except ValueError:
+                method = None
+            if method not in ("auto", "adabn", "coral"):
+                self._error(400, 'body must be JSON {"method": "auto" | "adabn" | "coral"} (or empty for auto)')
+                return
+        if self.agent.current_model is None:
+            self._error(503, "no model installed yet; nothing to adapt")
+            return
+        result = self.agent.adapt(method=method, trigger="api")
+        self._json(200 if result.result == "ok" else 409, result.to_json())
 
     def _read_body(self) -> bytes | None:
         length = self.headers.get("Content-Length")

@@ -90,6 +90,24 @@ class AgentConfig(BaseModel):
         description="full: periodic Telemetry samples; summary: one Summary aggregate per interval; "
         "alerts-only: no periodic telemetry, only warning+ events and state changes.",
     )
+    capture: bool = Field(
+        default=False, description="Capture served inputs for retraining (docs/data-capture.md); off by default for privacy.",
+    )
+    capture_low_confidence: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Capture rows whose top-1 score is below this (0: off).",
+    )
+    capture_random_fraction: float = Field(default=0.01, ge=0.0, le=1.0, description="Fraction of all rows captured at random.")
+    capture_drift_window: int = Field(
+        default=32, ge=0, le=100_000, description="Rows captured before and after the drift detector marks drift (0: off).",
+    )
+    capture_budget_bytes: int = Field(
+        default=4 * 2**20, ge=4096, description="Bytes captured samples may take (waiting in the outbox, or kept locally).",
+    )
+    capture_destination: Literal["upload", "local"] = Field(
+        default="upload",
+        description="upload: through the outbox at the lowest priority; local: kept on the device (samples.db) for federated learning.",
+    )
+    capture_seed: int | None = Field(default=None, description="Seed of the random-fraction draws (None: fresh entropy).")
 
     @field_validator("device_id")
     @classmethod

@@ -50,6 +50,9 @@ class Monitor:
         self._sum_base = 0
         self._sum_err_base = 0
         self.bytes_sent: dict[str, int] = {}
+        # Input values the bundle's preprocessing repaired, by "<step>/<feature>": cumulative, and for the summary interval.
+        self.repairs: dict[str, int] = {}
+        self._sum_repairs: dict[str, int] = {}
         self._process: Any = None
         self._registry: "CollectorRegistry | None" = None
         # The agent plugs in a function returning what only it knows (model, connection, outbox).
@@ -77,6 +80,14 @@ class Monitor:
     def count_error(self) -> None:
         with self._lock:
             self.errors += 1
+
+    def count_repairs(self, counts: dict[str, int]) -> None:
+        """Add the repairs one preprocessing run made (called only when it made some)."""
+        with self._lock:
+            total, window = self.repairs, self._sum_repairs
+            for key, n in counts.items():
+                total[key] = total.get(key, 0) + n
+                window[key] = window.get(key, 0) + n
 
     def count_bytes(self, mode: str, n: int) -> None:
         """Bytes this agent published (payloads), by bandwidth mode."""
@@ -120,6 +131,7 @@ class Monitor:
             classes, self._classes = self._classes, {}
             hist, self._conf_hist = self._conf_hist, [0] * N_CONF_BINS
             predictions, self._predictions = self._predictions, 0
+            repairs, self._sum_repairs = self._sum_repairs, {}
             window_s, self._sum_start = now - self._sum_start, now
             err_n = errors - self._sum_err_base
             self._sum_base, self._sum_err_base = n, errors
@@ -136,6 +148,7 @@ class Monitor:
             "latency_p99_ms": p99,
             "classes": {str(c): v for c, v in sorted(classes.items())},
             "confidence_hist": hist,
+            "repairs": repairs,
         }
 
     def uptime_s(self) -> float:
@@ -166,6 +179,7 @@ class Monitor:
             inferences, errors = self.inferences, self.errors
             window_s, window_n = now - self._window_start, inferences - self._window_base
             self._window_start, self._window_base = now, inferences
+            repairs = dict(self.repairs)
         p50, p95 = self.latency_ms()
         cpu, rss, mem = self.resources()
         return {
@@ -179,6 +193,7 @@ class Monitor:
             "cpu_percent": cpu,
             "rss_bytes": rss,
             "mem_percent": mem,
+            "repairs": repairs,
         }
 
     # -- Prometheus -----------------------------------------------------------------------------
@@ -219,6 +234,7 @@ class _Collector:
             inferences, errors, bad, lat_sum = m.inferences, m.errors, m.bad_messages, m._lat_sum_ns
             updates = dict(m.updates)
             bytes_sent = dict(m.bytes_sent)
+            repairs = dict(m.repairs)
         yield CounterMetricFamily("edgewise_agent_inferences", "Predictions served.", value=inferences)
         yield CounterMetricFamily("edgewise_agent_errors", "Predictions that failed (bad input or runtime error).", value=errors)
         yield CounterMetricFamily("edgewise_agent_bad_messages", "MQTT messages refused as not following the protocol.", value=bad)
@@ -230,6 +246,14 @@ class _Collector:
         for mode, n in sorted(bytes_sent.items()):
             sent.add_metric([mode], n)
         yield sent
+        rep = CounterMetricFamily(
+            "edgewise_agent_input_repairs", "Input values repaired by the bundle's preprocessing, by step and feature.",
+            labels=["step", "field"],
+        )
+        for key, n in sorted(repairs.items()):
+            step, _, field = key.partition("/")
+            rep.add_metric([step, field], n)
+        yield rep
         lat = SummaryMetricFamily(
             "edgewise_agent_latency_seconds", "Model latency (quantiles over the last calls).",
             count_value=inferences, sum_value=lat_sum / 1e9,

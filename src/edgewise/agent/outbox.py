@@ -22,8 +22,9 @@ Durability (see ``docs/agent.md``, "Telemetry and the outbox"):
   returned for is lost to a power cut (about 10-50x slower per transaction).
 
 The store is bounded (``max_bytes``). When it is full the lowest-priority,
-oldest records go first (routine telemetry before events, events before
-alerts), and every drop is counted per priority so the loss is visible. The
+oldest records go first (captured samples before routine telemetry, telemetry
+before events, events before alerts), and every drop is counted per priority
+so the loss is visible. The
 same policy applies when the *disk* is full (SQLite "database or disk is
 full", ENOSPC): older lower-priority records are deleted to make room once,
 and if that does not help the new records are dropped and counted; the agent
@@ -52,7 +53,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import msgpack
 import zstandard
 
-from ..protocol import Event, Summary, Telemetry, topics
+from ..protocol import Event, Sample, Summary, Telemetry, topics
 from ..protocol.codec import COMPRESS_ABOVE, MAX_PAYLOAD
 from ..protocol.messages import SCHEMA_VERSION
 
@@ -61,10 +62,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgewise.agent.outbox")
 
+PRIORITY_SAMPLE = -1  # captured input samples (agent.capture): below telemetry, the first to go when the store is full
 PRIORITY_TELEMETRY = 0
 PRIORITY_EVENT = 1
 PRIORITY_ALERT = 2
-PRIORITY_NAMES = {PRIORITY_TELEMETRY: "telemetry", PRIORITY_EVENT: "event", PRIORITY_ALERT: "alert"}
+PRIORITY_NAMES = {PRIORITY_SAMPLE: "sample", PRIORITY_TELEMETRY: "telemetry", PRIORITY_EVENT: "event", PRIORITY_ALERT: "alert"}
 ROW_OVERHEAD = 64  # bytes counted per row besides the payload: keeps tiny records from being free
 SEQ_BLOCK = 100_000  # sequence numbers reserved durably at a time (see the module docstring)
 DISK_FULL_FREE_BYTES = 256 * 1024  # on a full disk, try once to free this much (plus the new records)
@@ -100,16 +102,18 @@ class OutboxRecord:
     """One stored record: ``payload`` is the msgpack encoding of the Telemetry or Event."""
 
     seq: int
-    kind: str  # "telemetry" (Telemetry and Summary: the telemetry channel) | "event"
+    kind: str  # "telemetry" (Telemetry and Summary: the telemetry channel) | "event" | "sample" (telemetry/samples)
     priority: int
     created: float
     payload: bytes
 
 
-def priority_of(record: Telemetry | Summary | Event) -> int:
-    """Alerts (error/critical events) > other events > telemetry."""
+def priority_of(record: Telemetry | Summary | Event | Sample) -> int:
+    """Alerts (error/critical events) > other events > telemetry > captured samples."""
     if isinstance(record, Event):
         return PRIORITY_ALERT if record.severity in ("error", "critical") else PRIORITY_EVENT
+    if isinstance(record, Sample):
+        return PRIORITY_SAMPLE
     return PRIORITY_TELEMETRY
 
 
@@ -264,7 +268,7 @@ class Outbox:
 
     # -- queue ----------------------------------------------------------------------------------
 
-    def enqueue(self, record: Telemetry | Summary | Event) -> int:
+    def enqueue(self, record: Telemetry | Summary | Event | Sample) -> int:
         """Store ``record`` with the next sequence number (whatever ``seq`` it carries is replaced); return it.
 
         If the store is full, older lower-priority records are dropped to make
@@ -273,7 +277,7 @@ class Outbox:
         """
         return self.enqueue_many((record,))[0]
 
-    def enqueue_many(self, records: Sequence[Telemetry | Summary | Event]) -> list[int]:
+    def enqueue_many(self, records: Sequence[Telemetry | Summary | Event | Sample]) -> list[int]:
         """Store several records in one transaction (one fsync at most); return their sequence numbers.
 
         All or nothing on a crash: either every record of the call is stored or none is.
@@ -284,7 +288,8 @@ class Outbox:
         rows = []  # (kind, priority, payload)
         for record in records:
             d = record.model_dump(mode="json")
-            rows.append(("event" if d["type"] == "event" else "telemetry", priority_of(record), d))
+            kind = d["type"] if d["type"] in ("event", "sample") else "telemetry"
+            rows.append((kind, priority_of(record), d))
         with self._lock:
             first = self._next_seq
             seqs = list(range(first, first + len(rows)))
@@ -428,6 +433,49 @@ class Outbox:
             log.warning("outbox full: dropped a %s record to make room", PRIORITY_NAMES.get(row[1], row[1]))
         return True
 
+    def priority_bytes(self, priority: int) -> int:
+        """Bytes (counted as against ``max_bytes``) held by records of one priority."""
+        with self._lock:
+            return int(self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) + COUNT(*) * ? FROM records WHERE priority = ?", (ROW_OVERHEAD, priority)
+            ).fetchone()[0])
+
+    def trim_priority(self, priority: int, max_bytes: int) -> int:
+        """Drop the oldest records of ``priority`` until that priority holds at most ``max_bytes``; return how many.
+
+        Counted as drops (``dropped()``), like drops for the store bound: the capture budget for
+        waiting samples (``agent.capture.OutboxSink``) uses it.
+        """
+        with self._lock:
+            held = int(self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) + COUNT(*) * ? FROM records WHERE priority = ?", (ROW_OVERHEAD, priority)
+            ).fetchone()[0])
+            if held <= max_bytes:
+                return 0
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                n = 0
+                for seq, size in self._db.execute(
+                    "SELECT seq, size FROM records WHERE priority = ? ORDER BY seq", (priority,)
+                ).fetchall():
+                    if held <= max_bytes:
+                        break
+                    self._db.execute("DELETE FROM records WHERE seq = ?", (seq,))
+                    held -= size + ROW_OVERHEAD
+                    self._bytes -= size + ROW_OVERHEAD
+                    n += 1
+                self._bump(f"dropped_{priority}", n)
+                self._db.execute(_SET, ("next_seq", self._next_seq))  # the newest record may be gone
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                self._bytes = self._recount()
+                raise OutboxError(f"cannot drop records from the outbox {self.path}: {exc}") from None
+        return n
+
     def _recount(self) -> int:
         return int(self._db.execute("SELECT COALESCE(SUM(size), 0) + COUNT(*) * ? FROM records", (ROW_OVERHEAD,)).fetchone()[0])
 
@@ -435,7 +483,7 @@ class Outbox:
         """Up to ``n`` records, highest priority first, oldest first within a priority. Nothing is removed."""
         out: list[OutboxRecord] = []
         with self._lock:
-            for p in (PRIORITY_ALERT, PRIORITY_EVENT, PRIORITY_TELEMETRY):  # one index range scan per priority
+            for p in (PRIORITY_ALERT, PRIORITY_EVENT, PRIORITY_TELEMETRY, PRIORITY_SAMPLE):  # one index range scan per priority
                 if len(out) >= n:
                     break
                 rows = self._db.execute(
@@ -581,7 +629,10 @@ def drain_once(
     if not records:
         return 0
     sent = 0
-    for kind, topic in (("event", topics.events(device_id)), ("telemetry", topics.telemetry(device_id))):
+    for kind, topic in (
+        ("event", topics.events(device_id)), ("telemetry", topics.telemetry(device_id)),
+        ("sample", topics.telemetry(device_id, "samples")),
+    ):
         group = [r for r in records if r.kind == kind]
         poison = [r.seq for r in group if not _well_formed(r.payload, kind)]
         if poison:

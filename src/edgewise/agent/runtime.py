@@ -10,6 +10,12 @@ per-call work is a few attribute reads and comparisons.
 
 A ``LoadedModel`` is immutable once built, so the agent can swap the live one
 by rebinding a single reference while requests in flight finish on the old one.
+(The one settable attribute, ``repair_sink``, is where the repair counts of the
+preprocessing go: the agent points it at its monitor when it activates the model.)
+
+A spec that validates the raw input itself (a ``check`` step) or changes its
+shape (window, resample, resize, reshape) takes raw input of any numeric dtype;
+the model's input spec is then checked on the array *after* preprocessing.
 """
 
 from __future__ import annotations
@@ -110,6 +116,11 @@ class InputSpec:
         return np.zeros(shape, dtype=self.dtype)
 
 
+def _after_preprocessing(spec: InputSpec, x: np.ndarray) -> InputError:
+    """The model's input check failed on what the bundle's preprocessing produced from accepted raw input."""
+    return InputError(f"{spec.error(x)} (after the bundle's preprocessing: send raw input the spec turns into that)")
+
+
 class LoadedModel:
     """An ONNX Runtime session plus what it takes to feed it safely: input specs and preprocessing.
 
@@ -118,7 +129,7 @@ class LoadedModel:
 
     __slots__ = (
         "name", "version", "manifest", "sha256", "key_id", "inputs", "input_names", "output_names",
-        "_session", "_run", "_pre", "_single", "_first",
+        "_session", "_run", "_pre", "_single", "_first", "_raw", "repair_sink",
     )
 
     def __init__(self, session: Any, manifest: "Manifest", *, sha256: str = "", key_id: str = "") -> None:
@@ -148,7 +159,10 @@ class LoadedModel:
         self._run: Callable[..., list[Any]] = session.run
         spec = manifest.preprocessing
         # Preprocessing applies to the primary (first) input; an empty pipeline is skipped entirely.
-        self._pre: Callable[[np.ndarray], np.ndarray] | None = spec.apply if spec else None
+        self._pre: Callable[[np.ndarray], tuple[np.ndarray, dict[str, int]]] | None = spec.run if spec else None
+        self._raw: bool = bool(spec) and spec.checks_raw_input
+        # Called with the repairs of each preprocessing run that made any (the agent's Monitor.count_repairs).
+        self.repair_sink: Callable[[dict[str, int]], None] | None = None
         self._first = actual[0]
         self._single: InputSpec | None = self.inputs[actual[0]] if len(actual) == 1 else None
 
@@ -195,14 +209,18 @@ class LoadedModel:
         what observers of the data (drift, sample capture) look at, exactly as the model saw it."""
         single = self._single
         if single is not None and inputs.__class__ is np.ndarray:  # the hot path: no dict walking
-            if not single.matches(inputs):  # type: ignore[arg-type]
-                raise single.error(inputs)
             pre = self._pre
+            if not self._raw and not single.matches(inputs):  # type: ignore[arg-type]
+                raise single.error(inputs)
             if pre is not None:
                 try:
-                    inputs = pre(inputs)  # type: ignore[arg-type]
+                    inputs, repairs = pre(inputs)  # type: ignore[arg-type]
                 except PreprocessingError as exc:
                     raise InputError(f"input {single.name!r}: {exc}") from None
+                if repairs:
+                    self._repaired(repairs)
+                if self._raw and not single.matches(inputs):  # type: ignore[arg-type]
+                    raise _after_preprocessing(single, inputs)
             feed = {single.name: inputs}
         else:
             feed = self._feed(inputs)
@@ -237,21 +255,40 @@ class LoadedModel:
         for name in self.input_names:
             x = inputs[name]
             spec = self.inputs[name]
-            if not isinstance(x, np.ndarray) or not spec.matches(x):
+            first = name == self._first and self._pre is not None
+            if not isinstance(x, np.ndarray) or (not (first and self._raw) and not spec.matches(x)):
                 raise spec.error(x)
-            if name == self._first and self._pre is not None:
+            if first:
                 try:
-                    x = self._pre(x)
+                    x, repairs = self._pre(x)  # type: ignore[misc]
                 except PreprocessingError as exc:
                     raise InputError(f"input {name!r}: {exc}") from None
+                if repairs:
+                    self._repaired(repairs)
+                if self._raw and not spec.matches(x):
+                    raise _after_preprocessing(spec, x)
             feed[name] = x
         return feed
+
+    def _repaired(self, repairs: dict[str, int]) -> None:
+        sink = self.repair_sink
+        if sink is not None:
+            try:
+                sink(repairs)
+            except Exception:  # counting must never fail a prediction
+                pass
 
     def smoke_test(self) -> None:
         """One predict on zeros (free dimensions = 1): it must run and give finite, well-formed outputs."""
         sample = {name: spec.zeros() for name, spec in self.inputs.items()}
         try:
-            outputs = self.predict(sample)
+            if self._raw:  # zeros of the model's shape are not raw input of a reshaping spec: feed the session directly
+                try:
+                    outputs = dict(zip(self.output_names, self._run(self.output_names, sample)))
+                except Exception as exc:
+                    raise InferenceError(f"ONNX Runtime failed: {exc}") from None
+            else:
+                outputs = self.predict(sample)
         except (InputError, InferenceError) as exc:
             raise ModelLoadError(f"{self.name} {self.version}: smoke test failed: {exc}") from None
         declared = [o.name for o in self.manifest.model.outputs]

@@ -34,6 +34,8 @@ from . import sdnotify
 from .api import LocalApi
 from .config import AgentConfig
 from ..fsutil import atomic_write
+from .drift import DriftWatch
+from .adapt import Adapter, AdaptResult, AdaptWindow
 from .monitor import Monitor
 from .observers import PredictionObserver
 from .outbox import Outbox, drain_once
@@ -91,6 +93,9 @@ class Agent:
             self.keystore, slot_sealer, row_sealer, self._outbox_key_moved = _open_at_rest(config)
             self.outbox = Outbox(self.state_dir / "outbox.db", max_bytes=config.outbox_max_bytes, sealer=row_sealer)
             self.slots = Slots(self.state_dir / "slots", sealer=slot_sealer)
+            # Sample capture (agent.capture; None when the config leaves it off). The drift detector calls
+            # ``self.capture.mark_drift()`` when it fires; the desired state's ``capture`` can switch it off per group.
+            self.capture = _open_capture(self, config) if config.capture else None
         except BaseException:
             _unlock(self._lock_fd)
             raise
@@ -102,6 +107,18 @@ class Agent:
         # Watchers of every served prediction (drift, sample capture): ``observe(model, feed, outputs)`` with the
         # feed exactly as ONNX Runtime got it; see ``agent.observers.PredictionObserver``.
         self.observers: list[PredictionObserver] = []
+        if self.capture is not None:
+            self.observers.append(self.capture)
+        # Drift detection (agent.drift): follows the live model, active when its bundle has reference statistics.
+        self.drift = DriftWatch(on_change=self._on_drift)
+        self.observers.append(self.drift)
+        # Label-free adaptation (agent.adapt): a window of recent inputs, and the adapter that turns it into a
+        # sealed, device-local delta on the signed base model (``adapt()``, ``request_adaptation()``).
+        self.adapter = Adapter(self.state_dir / "adapt", self.keystore, config.device_id, STORAGE_KEY, threads=config.threads)
+        self.adapt_window = AdaptWindow(self.adapter.settings.window)
+        self.observers.append(self.adapt_window)
+        self._adapt_thread: threading.Thread | None = None
+        self._last_auto_adapt = float("-inf")
         fetcher = HttpFetcher(config.server_url, timeout=config.download_timeout_s, token_file=config.device_token_path)
         self.updater = Updater(
             self.slots,
@@ -212,6 +229,7 @@ class Agent:
             log.debug("cannot read the class output of a prediction", exc_info=True)
 
     def _activate(self, model: LoadedModel) -> None:
+        model.repair_sink = self.monitor.count_repairs  # input repairs made by its preprocessing reach telemetry
         self._model = model  # one reference rebind: requests in flight keep the old one
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -228,7 +246,7 @@ class Agent:
         if self._model is None:
             model, problem = self.updater.load_committed()
             if model is not None:
-                self._model = model
+                self._activate(self._restore_adaptation(model))
             if problem:
                 self._emit_event("slot_fallback" if model else "load_failed", problem, severity="error")
             if self.updater.startup_result is not None:  # a trial committed or rolled back on this start
@@ -292,6 +310,8 @@ class Agent:
             self._api.stop()
             (self.state_dir / "api.port").unlink(missing_ok=True)
         self.outbox.close()
+        if self.capture is not None and hasattr(self.capture.sink, "close"):
+            self.capture.sink.close()  # the local sample store
         _unlock(self._lock_fd)
         self._lock_fd = None
         log.info("%s stopped", self.device_id)
@@ -475,6 +495,33 @@ class Agent:
         self._record_update(result, source="local", path=str(bundle_path))
         return result
 
+    # -- label-free adaptation (agent.adapt, docs/data-adaptation.md) ----------------------------
+
+    def adapt(self, *, method: str = "auto", trigger: str = "command", adaptation: Any = None) -> AdaptResult:
+        """Adapt the live model to the window of recent inputs (AdaBN with BatchNorm, else CORAL), try it on the
+        golden inputs, then commit it as a sealed device-local delta and serve it, or keep the running model.
+        Reports an ``adaptation`` event either way; ``adaptation`` (an ``edgewise.data.adapt.Adaptation``) skips computing one."""
+        from .adapt import adapt_agent
+
+        return adapt_agent(self, method=method, trigger=trigger, adaptation=adaptation)
+
+    def request_adaptation(self, trigger: str = "drift") -> bool:
+        """``adapt()`` in a background thread (the drift detector calls this from the prediction path); False when one
+        is running or the last requested one is younger than ``adapter.settings.drift_cooldown_s``."""
+        now = time.monotonic()
+        running = self._adapt_thread is not None and self._adapt_thread.is_alive()
+        if running or now - self._last_auto_adapt < self.adapter.settings.drift_cooldown_s:
+            return False
+        self._last_auto_adapt = now
+        self._adapt_thread = threading.Thread(target=lambda: self.adapt(trigger=trigger), name=f"edgewise-adapt-{self.device_id}", daemon=True)
+        self._adapt_thread.start()
+        return True
+
+    def _restore_adaptation(self, model: LoadedModel) -> LoadedModel:
+        from .adapt import restore_agent
+
+        return restore_agent(self, model)
+
     def _record_update(self, result: UpdateResult, *, event: bool = True, **detail: Any) -> None:
         """Count and log an update result, report it in the state right away, then as an event."""
         self.monitor.count_update(result.result)
@@ -594,8 +641,33 @@ class Agent:
             record = self.summary_sample()
         else:
             return None  # alerts-only: no periodic telemetry
+        drift = self.drift.take_interval()  # drift_score and sketch since the previous tick ({} without reference stats)
+        if drift:
+            record = record.model_copy(update=drift)
         self._emit(record)
         return record
+
+    def _on_drift(self, active: bool, detail: dict[str, Any]) -> None:
+        """Drift started or ended on the live model (called on the prediction path, only on changes)."""
+        what = f"{detail.get('model')} {detail.get('version')}"
+        if active:
+            fired = ", ".join(detail.get("fired", [])) or "detectors"
+            message = f"data drift on {what}: {fired} over threshold (score {detail.get('score', 0):.2f})"
+            if self.capture is not None:
+                try:
+                    self.capture.mark_drift()  # keep the drifted window for retraining
+                except Exception:
+                    log.debug("capture.mark_drift failed", exc_info=True)
+            request = getattr(self, "request_adaptation", None)
+            if request is not None:  # label-free adaptation (agent.adapt): at most once per cooldown, in the background
+                try:
+                    request("drift")
+                except Exception:
+                    log.debug("request_adaptation failed", exc_info=True)
+        else:
+            message = f"data drift on {what} ended (score {detail.get('score', 0):.2f})"
+        log.warning("%s", message) if active else log.info("%s", message)
+        self._emit_event("drift", message, severity="warning" if active else "info", detail=detail)
 
     def health(self) -> dict[str, Any]:
         """What ``GET /v1/health`` returns."""
@@ -619,6 +691,9 @@ class Agent:
             "bandwidth_mode": self.bandwidth_mode,
             "bytes_sent": dict(mon.bytes_sent),
             "agent_version": __version__,
+            "capture": self.capture.stats() if self.capture is not None else None,
+            "drift": {"score": self.drift.drift_score, "active": self.drift.active} if self.drift.observer is not None else None,
+            "adaptation": self.adapter.describe(m, len(self.adapt_window)),
         }
 
     def _metrics_status(self) -> dict[str, Any]:
@@ -642,6 +717,8 @@ class Agent:
             pending = self._desired
             if pending is not None and desired.generation < pending.generation:
                 return
+            if self.capture is not None:
+                self.capture.set_group_enabled(desired.capture)
             self._desired = desired
             self._desired_cv.notify_all()
 
@@ -841,6 +918,42 @@ def _open_at_rest(config: AgentConfig) -> tuple[Any, Any, Any, Path | None]:
         raise AgentError(f"cannot use the keystore {config.keystore_location}: {exc}") from None
     slot_sealer = SlotSealer(keystore, config.device_id, STORAGE_KEY, encrypt=config.encrypt_at_rest)
     return keystore, slot_sealer, RowSealer(key, config.device_id, encrypt=config.encrypt_at_rest), moved
+
+
+def _open_capture(agent: "Agent", config: AgentConfig) -> Any:
+    """The sample-capture observer with its sink: the outbox (``upload``) or a local store sealed with its own data key."""
+    from .capture import CapturePolicy, SampleCapture
+
+    policy = CapturePolicy(
+        enabled=True, low_confidence=config.capture_low_confidence, random_fraction=config.capture_random_fraction,
+        drift_window=config.capture_drift_window, budget_bytes=config.capture_budget_bytes,
+        destination=config.capture_destination, seed=config.capture_seed,
+    )
+    try:
+        return SampleCapture(policy, _capture_sink(agent, config, policy), config.device_id, scores_of=class_output)
+    except Exception as exc:  # capture is optional: the agent serves without it rather than not at all
+        log.error("sample capture is configured but cannot start (%s); serving without it", exc)
+        return None
+
+
+def _capture_sink(agent: "Agent", config: AgentConfig, policy: Any) -> Any:
+    from .capture import OutboxSink, SampleStore
+
+    sink: Any
+    if policy.destination == "local":
+        from ..security.encryption import RowSealer, load_or_replace_data_key
+
+        key, moved = load_or_replace_data_key(
+            agent.keystore, STORAGE_KEY, config.state_dir / "samples.key", f"edgewise-samples/1;device={config.device_id}"
+        )
+        if moved is not None:
+            log.critical("the sample store key no longer unwraps (moved to %s): samples sealed with it are skipped", moved.name)
+        sink = SampleStore(config.state_dir / "samples.db", policy.budget_bytes,
+                           sealer=RowSealer(key, config.device_id, encrypt=config.encrypt_at_rest))
+    else:
+        sink = OutboxSink(agent.outbox, policy.budget_bytes, wake=lambda: agent._flush_wake.set())
+    log.info("sample capture on: %s, budget %d bytes", policy.destination, policy.budget_bytes)
+    return sink
 
 
 def _lock_state_dir(state_dir: Path) -> Any:

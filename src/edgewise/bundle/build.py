@@ -132,6 +132,22 @@ def golden_outputs(model_bytes: bytes, info: ModelInfo, inputs: Mapping[str, Any
     return {**{f"inputs/{k}": v for k, v in inputs.items()}, **{f"outputs/{k}": v for k, v in expected.items()}}
 
 
+def _reference(reference: Any, model_bytes: bytes, preprocessing: PreprocessingSpec | None) -> Any:
+    """Reference statistics from what ``build_bundle(reference=...)`` was given (None: none)."""
+    if reference is None:
+        return None
+    from ..data.reference import ReferenceStats, ReferenceStatsError, build_reference
+
+    if isinstance(reference, ReferenceStats):
+        return reference
+    try:
+        if isinstance(reference, Mapping) and "features" in reference and "feature_names" in reference:
+            return ReferenceStats.model_validate(reference)
+        return build_reference(model_bytes, reference, preprocessing=preprocessing)
+    except (ReferenceStatsError, ValueError) as exc:
+        raise BundleError(f"reference statistics: {exc}") from None
+
+
 def estimate_min_ram_mb(model_size: int) -> int:
     """Weights held twice while the session initializes, plus the runtime's own ~40 MB."""
     return int(2 * model_size / 2**20) + 40
@@ -154,6 +170,8 @@ def build_bundle(
     runtime: RuntimeSettings | Mapping[str, Any] | None = None,
     variant: Variant | Mapping[str, Any] | None = None,
     golden: GoldenSpec | None = None,
+    fit_on: Any = None,
+    reference: Any = None,
 ) -> Manifest:
     """Write a signed ``.ewb`` to ``out`` atomically and return its manifest.
 
@@ -161,6 +179,14 @@ def build_bundle(
     to an array with samples along axis 0 (raw inputs: the bundle's preprocessing is applied as on the
     device). The model is run on them now and inputs plus outputs go into ``golden.npz``; the agent
     checks a new model against them before committing it (``tolerance`` is the absolute tolerance).
+
+    ``fit_on``: raw training inputs (samples on axis 0) to fit the statistics the preprocessing needs
+    (medians, quantiles, means, stds; see ``edgewise.data.fit``); they are frozen into the manifest.
+
+    ``reference``: held-out data for drift detection, either raw inputs (an ndarray for a single-input
+    model, or a mapping input name -> ndarray; the model is run on them now, after the bundle's
+    preprocessing) or ready :class:`~edgewise.data.reference.ReferenceStats`. Stored in the manifest
+    (``reference``), so it is signed with the bundle and the control plane reads the shared bins.
     """
     model_bytes = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
     members: dict[str, bytes] = {MODEL_MEMBER: model_bytes, **dict(extra_members or {})}
@@ -169,6 +195,21 @@ def build_bundle(
     info = describe_model(model_bytes)
     if isinstance(preprocessing, Mapping):
         preprocessing = PreprocessingSpec.model_validate(preprocessing)
+    if fit_on is not None:  # training inputs: fit the statistics the spec's steps need, freeze them in
+        from ..data.fit import fit_spec
+        from ..data.preprocessing import PreprocessingError
+
+        if not preprocessing:
+            raise BundleError("training data to fit preprocessing on was given, but no preprocessing spec")
+        try:
+            preprocessing = fit_spec(preprocessing, fit_on)
+        except PreprocessingError as exc:
+            raise BundleError(f"cannot fit the preprocessing: {exc}") from None
+    if preprocessing and not preprocessing.fitted:
+        raise BundleError(
+            f"preprocessing steps {preprocessing.unfitted()} need statistics of the training data; "
+            "fit them with --fit-on TRAIN.npz (build_bundle(fit_on=x_train)) or write them into the spec"
+        )
     golden_info: Golden | None = None
     if golden is not None:
         g_inputs, g_tol, g_budget = (tuple(golden) + (None, None))[:3]
@@ -183,6 +224,7 @@ def build_bundle(
             )
         except ValueError as exc:
             raise BundleError(f"invalid golden settings: {exc}") from None
+    reference_stats = _reference(reference, model_bytes, preprocessing)
     fields: dict[str, Any] = dict(
         name=name,
         version=version,
@@ -199,6 +241,7 @@ def build_bundle(
         runtime=RuntimeSettings.model_validate(runtime) if isinstance(runtime, Mapping) else runtime,
         variant=Variant.model_validate(variant) if isinstance(variant, Mapping) else variant,
         golden=golden_info,
+        reference=reference_stats,
     )
     if created_at is not None:
         fields["created_at"] = created_at

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data.preprocessing import PreprocessingSpec
+from ..data.reference import ReferenceStats
 
 FORMAT = "edgewise-bundle/1"
 MODEL_MEMBER = "model.onnx"
@@ -160,6 +161,9 @@ class Manifest(BaseModel):
     runtime: RuntimeSettings | None = None
     variant: Variant | None = None
     golden: Golden | None = None
+    reference: ReferenceStats | None = Field(
+        default=None, description="Reference statistics of held-out data (drift detection on the device and the fleet's shared bins).",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("format")

@@ -35,6 +35,17 @@ def create(
     ),
     golden_atol: float | None = typer.Option(None, "--golden-atol", help="Absolute tolerance of the golden check (default: 1e-4)."),
     golden_latency_ms: float | None = typer.Option(None, "--golden-latency-ms", help="Median latency budget per golden sample, ms."),
+    reference: Path | None = typer.Option(
+        None, "--reference", exists=True, dir_okay=False,
+        help="NPZ of held-out inputs (one array per model input, samples along axis 0, before preprocessing): "
+        "reference statistics for drift detection are computed from them and the model's outputs, and signed into the bundle.",
+    ),
+    fit_on: Path | None = typer.Option(
+        None, "--fit-on", exists=True, dir_okay=False,
+        help="NPZ of raw training inputs (array 'x_train', 'x' or the only one; samples along axis 0): fits the statistics "
+        "the preprocessing steps need (medians, quantiles, means, stds) and freezes them into the bundle.",
+    ),
+    fit_key: str | None = typer.Option(None, "--fit-key", help="Name of the array in the --fit-on NPZ."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Write one signed file holding the model, its manifest and preprocessing."""
@@ -54,6 +65,13 @@ def create(
             variant_info = Variant(name=variant)
         out = out or Path(f"{name}-{version}{suffix}.ewb")
         spec = json.loads(preprocessing.read_text()) if preprocessing else None
+        fit_data = None
+        if fit_on is not None:
+            from ..data.fit import load_training_array
+
+            fit_data = load_training_array(fit_on, fit_key)
+        elif fit_key is not None:
+            raise ValueError("--fit-key needs --fit-on FILE.npz")
         label_list = [line.strip() for line in labels.read_text().splitlines() if line.strip()] if labels else None
         golden_spec = None
         if golden is not None:
@@ -63,10 +81,16 @@ def create(
                 golden_spec = ({k: npz[k] for k in npz.files}, golden_atol, golden_latency_ms)
         elif golden_atol is not None or golden_latency_ms is not None:
             raise ValueError("--golden-atol and --golden-latency-ms need --golden FILE.npz")
+        reference_inputs = None
+        if reference is not None:
+            import numpy as np
+
+            with np.load(reference, allow_pickle=False) as npz:
+                reference_inputs = {k: npz[k] for k in npz.files}
         manifest = build_bundle(
             model, name=name, version=version, signer=signer, out=out, labels=label_list,
-            preprocessing=spec, description=description, min_ram_mb=min_ram_mb,
-            variant=variant_info, runtime=runtime, golden=golden_spec,
+            preprocessing=spec, fit_on=fit_data, description=description, min_ram_mb=min_ram_mb,
+            variant=variant_info, runtime=runtime, golden=golden_spec, reference=reference_inputs,
         )
     except (BundleError, KeyFileError, ValueError, OSError) as exc:
         fail(str(exc))
@@ -93,6 +117,10 @@ def _manifest_table(manifest, sig, path: Path):  # type: ignore[no-untyped-def]
     t.add_row("opset", ", ".join(f"{d} {v}" for d, v in sorted(manifest.model.opset.items())))
     t.add_row("preprocessing", " → ".join(s.op for s in manifest.preprocessing.steps) or "none")
     t.add_row("labels", ", ".join(manifest.labels) if manifest.labels else "none")
+    if manifest.reference is not None:
+        r = manifest.reference
+        t.add_row("reference", f"{r.samples} held-out samples, {r.num_features} {r.feature_map.kind} features on input {r.input!r}"
+                  + (f", classes from {r.output!r}" if r.output else ""))
     t.add_row("min RAM", f"{manifest.requirements.min_ram_mb} MB")
     t.add_row("runtime", f"{manifest.requirements.runtime} >= {manifest.requirements.min_runtime_version}")
     if manifest.runtime is not None:

@@ -40,6 +40,9 @@ def _register() -> None:
     app.command("prune")(compress_cmd.prune)
     app.command("distill")(compress_cmd.distill)
     app.command("compress")(compress_cmd.compress)
+    from . import dann_cmd
+
+    app.command("dann")(dann_cmd.dann)
     from . import tuf_cmd
 
     app.add_typer(tuf_cmd.app, name="tuf")
@@ -50,6 +53,9 @@ def _register() -> None:
 
     app.add_typer(access_cmd.user_app, name="user")
     app.add_typer(access_cmd.token_app, name="token")
+    from . import samples_cmd
+
+    app.add_typer(samples_cmd.app, name="samples")
 
 
 _register()

@@ -19,11 +19,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from ..protocol import Batch, DeviceState, Event, ProtocolError, Summary, Telemetry, decode_for_topic, topics
+from ..protocol import Batch, DeviceState, Event, ProtocolError, Sample, Summary, Telemetry, decode_for_topic, topics
 from .db import Database, insert_ignore
 from .deployments import Publisher, publish_desired
 from .devices import TAG_MAX, ensure_device
+from .drift import DriftWatch
+from .samples import sample_values
 from .models import Device, EventRow, SummaryRow, TelemetryRow
+from .models import SampleRow
 from .timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class IngestStats:
     telemetry_rows: int = 0  # stored
     event_rows: int = 0  # stored
     summary_rows: int = 0  # stored
+    sample_rows: int = 0  # captured samples stored (control.samples)
     duplicates: int = 0  # records dropped because (device_id, seq) was already stored
     bad: int = 0  # messages refused by the wire contract
     bad_by_reason: dict[str, int] = field(default_factory=dict)
@@ -66,6 +70,7 @@ class Ingest:
         self._counts: Counter[str] = Counter()
         self._bad: Counter[str] = Counter()
         self._last_republish: dict[str, float] = {}
+        self.drift = DriftWatch()  # adds drift sketches per device and hour, judges the fleet now and then
 
     # -- counters --------------------------------------------------------------------------------
 
@@ -78,6 +83,7 @@ class Ingest:
                 telemetry_rows=c["telemetry_rows"],
                 event_rows=c["event_rows"],
                 summary_rows=c["summary_rows"],
+                sample_rows=c["sample_rows"],
                 duplicates=c["duplicates"],
                 bad=sum(self._bad.values()),
                 bad_by_reason=dict(self._bad),
@@ -115,7 +121,7 @@ class Ingest:
             with self.db.session() as session:
                 if isinstance(msg, DeviceState):
                     self._on_state(session, msg)
-                elif isinstance(msg, (Batch, Telemetry, Event, Summary)):
+                elif isinstance(msg, (Batch, Telemetry, Event, Summary, Sample)):
                     self._on_records(session, msg)
                 else:  # decode_for_topic only lets device->server types through on our subscriptions
                     self._reject(topic, "wrong_channel", ProtocolError(f"{msg.type!r} is not for the control plane"))
@@ -174,13 +180,27 @@ class Ingest:
 
     # -- telemetry and events --------------------------------------------------------------------
 
-    def _on_records(self, session: Session, msg: Batch | Telemetry | Event | Summary) -> None:
+    def _on_records(self, session: Session, msg: Batch | Telemetry | Event | Summary | Sample) -> None:
         records = msg.items if isinstance(msg, Batch) else [msg]
         device, _ = ensure_device(session, msg.device_id)
         now = utcnow()
         offset = update_clock_offset(device, records, now)
         stored_t = stored_e = stored_s = dupes = 0
+        sketched: set[tuple[str, str]] = set()
+        stored_x = 0
         for rec in records:
+            if isinstance(rec, Sample):  # captured inputs: their own table, nothing for drift sketches
+                try:
+                    values = sample_values(rec, now)
+                except ValueError as exc:  # bytes that do not fit dtype/shape: refuse this one, keep the rest
+                    self._reject(topics.telemetry(msg.device_id, "samples"), "bad_sample", exc)
+                    continue
+                values["corrected_ts"] = rec.ts + offset if offset is not None else None
+                if insert_ignore(session, SampleRow.__table__, values):
+                    stored_x += 1
+                else:
+                    dupes += 1
+                continue
             if isinstance(rec, Telemetry):
                 table, values = TelemetryRow.__table__, _telemetry_values(rec, now)
             elif isinstance(rec, Summary):
@@ -189,6 +209,7 @@ class Ingest:
                 table, values = EventRow.__table__, _event_values(rec, now)
             values["corrected_ts"] = rec.ts + offset if offset is not None else None
             if insert_ignore(session, table, values):
+                sketched |= self.drift.add(session, rec, values["corrected_ts"], now)  # new records only: no double counts
                 if table is TelemetryRow.__table__:
                     stored_t += 1
                 elif table is SummaryRow.__table__:
@@ -199,7 +220,8 @@ class Ingest:
                 dupes += 1
         device.last_seen = now
         session.commit()
-        self._count(telemetry_rows=stored_t, event_rows=stored_e, summary_rows=stored_s, duplicates=dupes)
+        self._count(telemetry_rows=stored_t, event_rows=stored_e, summary_rows=stored_s, sample_rows=stored_x, duplicates=dupes)
+        self.drift.after_commit(session, sketched, now)
         if dupes:
             log.debug("%s: %d duplicate record(s) dropped", msg.device_id, dupes)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, false
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .timeutil import UTCDateTime, utcnow
@@ -275,3 +275,98 @@ class AgentRelease(Base):
     target: Mapped[str] = mapped_column(String(256))  # its TUF target name: agent/edgewise-agent-<version>.ewr
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)  # release.json without its file list
     uploaded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# -- fleet drift (drift sketches merged per device per hour, alerts; migration 0007) ------------------
+
+
+class DriftSketchRow(Base):
+    """The drift sketches one device sent in one hour for one model version, added together.
+
+    Sketches are counts, so adding them at ingest loses nothing the fleet comparison needs while
+    keeping one row per device per hour (not one per telemetry interval). ``hour`` is the start of
+    the hour (epoch seconds, on the server's estimate of the device clock); ``reference`` is the
+    sketch's reference fingerprint ("" when the agent sent none). Only newly stored records are
+    added, so a redelivered Summary or Telemetry is not counted twice.
+    """
+
+    __tablename__ = "drift_sketches"
+    __table_args__ = (
+        UniqueConstraint("device_id", "model", "version", "reference", "hour", name="uq_drift_sketches_bucket"),
+        Index("ix_drift_sketches_model_version_hour", "model", "version", "hour"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(128))
+    reference: Mapped[str] = mapped_column(String(64), default="")
+    hour: Mapped[int] = mapped_column(BigInteger)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+    sketches: Mapped[int] = mapped_column(Integer, default=0)  # how many device sketches were added
+    window_start: Mapped[float] = mapped_column(Float, default=0.0)
+    window_end: Mapped[float] = mapped_column(Float, default=0.0)
+    features: Mapped[dict[str, list[int]]] = mapped_column(JSON, default=dict)
+    missing: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    confidence_bins: Mapped[list[float]] = mapped_column(JSON, default=list)
+    confidence_hist: Mapped[list[int]] = mapped_column(JSON, default=list)
+    classes: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AlertRow(Base):
+    """A condition the control plane noticed (the minimal alert store; issue 7 builds alerting on it).
+
+    ``kind`` names the condition ("drift.peer_outlier", "drift.fleet_shift"); at most one alert per
+    (kind, model, version, device_id) is ``open`` at a time: it is opened when the condition starts
+    and ``resolved`` when it stops, so a condition that persists raises one alert, not one per check.
+    No foreign key to ``devices``: the alert history outlives a deleted device.
+    """
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    severity: Mapped[str] = mapped_column(String(16), default="warning")
+    status: Mapped[str] = mapped_column(String(16), default="open", index=True)  # "open" | "resolved"
+    model: Mapped[str | None] = mapped_column(String(64), default=None)
+    version: Mapped[str | None] = mapped_column(String(128), default=None)
+    device_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+# -- captured samples for retraining (agent.capture; migration 0008) --------------------------------
+
+
+class SampleRow(Base):
+    """One input a device served and captured (low confidence, drift window, random), for retraining.
+
+    UNIQUE(device_id, seq) as for telemetry: a redelivered sample is stored once. ``inputs`` lists
+    each input's name, dtype and shape; ``data`` is their C-order little-endian bytes concatenated
+    in that order (``control.samples.arrays_of`` splits them back).
+    """
+
+    __tablename__ = "samples"
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq", name="uq_samples_device_seq"),
+        Index("ix_samples_model_version", "model", "version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[float] = mapped_column(Float)  # device wall clock when the prediction was served
+    corrected_ts: Mapped[float | None] = mapped_column(Float, default=None)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    model: Mapped[str | None] = mapped_column(String(64), default=None)
+    version: Mapped[str | None] = mapped_column(String(128), default=None)
+    reason: Mapped[str] = mapped_column(String(32))
+    top1: Mapped[int | None] = mapped_column(Integer, default=None)
+    confidence: Mapped[float | None] = mapped_column(Float, default=None)
+    inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)

@@ -104,6 +104,19 @@ class DataSplit:
         xte, yte = pick(self.x_test, self.y_test, n_test)
         return replace(self, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
 
+    def preprocessed(self, spec: Any) -> DataSplit:
+        """Both parts run through a bundle's preprocessing spec (``PreprocessingSpec`` or its JSON dict) with
+        the one implementation the agent serves with, so the lab trains, calibrates and evaluates on exactly
+        what the device feeds the model."""
+        from ..data.preprocessing import PreprocessingError, PreprocessingSpec
+
+        if not isinstance(spec, PreprocessingSpec):
+            spec = PreprocessingSpec.model_validate(spec)
+        try:
+            return replace(self, x_train=spec.apply(self.x_train), x_test=spec.apply(self.x_test))
+        except PreprocessingError as exc:
+            raise DataError(f"{self.name}: the preprocessing rejects the data: {exc}") from None
+
     def save_npz(self, path: str | Path) -> Path:
         """Write the split in the ``.npz`` layout that :func:`load_npz` and the CLI read."""
         path = Path(path)

@@ -66,6 +66,11 @@ class DesiredState(_Message):
     rollback: bool = Field(
         default=False, description="Allow a version lower than the highest the device has committed (an operator's deliberate rollback).",
     )
+    capture: bool | None = Field(
+        default=None,
+        description="Sample capture for this device's group: False switches it off (privacy), True allows it where the "
+        "device's own config enables it, None leaves the device's config alone. Older agents ignore it.",
+    )
     issued_at: float = 0.0
 
 
@@ -133,6 +138,15 @@ class Telemetry(_Message):
     mem_percent: float | None = None
     outbox_pending: int | None = None
     dropped: int = 0
+    sketch: DriftSketch | None = Field(default=None, description="Drift counts since the previous telemetry sample (None: none).")
+    drift_score: float | None = Field(
+        default=None, ge=0, description="Largest on-device drift score since the previous sample (1 = a detector's threshold; None: no reference statistics).",
+    )
+    repairs: dict[str, int] = Field(
+        default_factory=dict,
+        description="Input values repaired by the bundle's preprocessing, cumulative since the agent started, by "
+        "'<step>/<feature>' (e.g. 'impute/3': NaNs filled in feature 3). Older agents send none.",
+    )
 
 
 class Event(_Message):
@@ -151,6 +165,39 @@ class Event(_Message):
 
 CONFIDENCE_BINS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """Fixed edges of ``Summary.confidence_hist`` (10 bins; the last one is closed, so 1.0 falls in it)."""
+
+
+class DriftSketch(BaseModel):
+    """Mergeable counts of what a device saw in one window, on the bundle's reference bins.
+
+    The bin edges are the ones frozen into the bundle's reference statistics, so a device
+    sends only counts and the control plane can add sketches from many windows and many
+    devices (per model version) and compare them with the reference, without raw data ever
+    leaving the device. Adding two sketches is adding their counts (associative, commutative).
+
+    ``features`` maps a feature name (``feature_names`` of the bundle's reference statistics) to one
+    count per reference bin of that feature: ``len(cuts) + 1`` bins, value ``x`` in bin ``k`` = the
+    number of cut points ``<= x`` (so every finite value is counted). Values that are not finite
+    are counted in ``missing`` instead. ``confidence_hist`` counts the
+    top-1 confidence on ``confidence_bins``; ``classes`` maps the predicted top-1 class index
+    (as a string) to its count. ``n`` is the number of samples (rows) the sketch covers.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(default=None, description="Model whose reference bins the counts use.")
+    version: str | None = Field(default=None, description="Model version whose reference bins the counts use.")
+    reference: str | None = Field(
+        default=None, description="Fingerprint of the reference statistics (edges) used; sketches with different ones never merge.",
+    )
+    window_start: float = Field(default=0.0, description="Device wall clock at the first sample in the window.")
+    window_end: float = Field(default=0.0, description="Device wall clock at the end of the window.")
+    n: int = Field(default=0, ge=0, description="Samples (rows) counted.")
+    features: dict[str, list[Annotated[int, Field(ge=0)]]] = Field(default_factory=dict)
+    missing: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    confidence_bins: list[float] = Field(default_factory=lambda: list(CONFIDENCE_BINS))
+    confidence_hist: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    classes: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
 
 
 class Summary(_Message):
@@ -179,9 +226,90 @@ class Summary(_Message):
     classes: dict[str, int] = Field(default_factory=dict)
     confidence_bins: list[float] = Field(default_factory=lambda: list(CONFIDENCE_BINS))
     confidence_hist: list[int] = Field(default_factory=list)
+    sketch: DriftSketch | None = Field(default=None, description="Drift counts for this window (None: the agent has no reference statistics).")
+    drift_score: float | None = Field(
+        default=None, ge=0, description="Largest on-device drift score in this window (1 = a detector's threshold; None: no reference statistics).",
+    )
+    repairs: dict[str, int] = Field(
+        default_factory=dict, description="Input values repaired by the bundle's preprocessing in this window, by '<step>/<feature>'.",
+    )
 
 
-Record = Annotated[Union[Telemetry, Event, Summary], Field(discriminator="type")]
+SAMPLE_REASONS = ("low_confidence", "drift", "random")
+"""Why a sample was captured (``Sample.reason``)."""
+
+
+class SampleArray(BaseModel):
+    """One input array of a captured sample, exactly as the model got it: dtype, shape and raw bytes.
+
+    ``data`` is the array's C-order bytes (little-endian), base64-encoded so the record survives the
+    outbox's JSON-mode dump; ``numpy.frombuffer(base64.b64decode(data), dtype).reshape(shape)`` restores it.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(max_length=256)
+    dtype: str = Field(max_length=16, description="numpy dtype string, e.g. float32, int64, uint8.")
+    shape: list[Annotated[int, Field(ge=0)]]
+    data: str = Field(description="base64 of the C-order array bytes.")
+
+    @classmethod
+    def of(cls, name: str, array: Any) -> "SampleArray":
+        """Encode a numpy array (any numeric dtype, any shape) losslessly."""
+        import base64
+
+        import numpy as np
+
+        a = np.asarray(array)
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)  # (keeps 0-d arrays 0-d only when they are contiguous already, as they are)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        return cls(name=name, dtype=a.dtype.name, shape=list(a.shape), data=base64.b64encode(a.tobytes()).decode("ascii"))
+
+    def array(self) -> Any:
+        """The numpy array back (a fresh, writable copy); ValueError naming the input if the bytes do not fit."""
+        import base64
+
+        import numpy as np
+
+        try:
+            dtype = np.dtype(self.dtype)
+            raw = base64.b64decode(self.data, validate=True)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sample input {self.name!r}: cannot decode ({exc})") from None
+        if dtype.hasobject:
+            raise ValueError(f"sample input {self.name!r}: dtype {self.dtype!r} is not a numeric array type")
+        expected = dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+        if len(raw) != expected:
+            raise ValueError(
+                f"sample input {self.name!r}: {len(raw)} bytes do not make a {self.dtype} array of shape {self.shape} "
+                f"({expected} bytes expected)"
+            )
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(tuple(self.shape)).astype(dtype, copy=True)
+
+
+class Sample(_Message):
+    """An input the device served, captured for retraining (``capture`` policies; docs/data-capture.md).
+
+    Sent on the telemetry channel at the outbox's lowest priority (``sample``); the control plane
+    stores it per model version and device, de-duplicated on (device_id, seq).
+    """
+
+    type: Literal["sample"] = "sample"
+    device_id: str
+    seq: int = Field(ge=0, description="Per-device sequence number (the outbox's); the server de-duplicates on it.")
+    ts: float = Field(description="Device wall clock when the prediction was served (may be skewed).")
+    mono: float = 0.0
+    model: str | None = None
+    version: str | None = None
+    reason: Literal["low_confidence", "drift", "random"]
+    top1: int | None = Field(default=None, description="Predicted class index (None: the model has no class output).")
+    confidence: float | None = Field(default=None, description="Top-1 score of the prediction.")
+    inputs: list[SampleArray] = Field(min_length=1)
+
+
+Record = Annotated[Union[Telemetry, Event, Summary, Sample], Field(discriminator="type")]
 
 
 class Batch(_Message):
@@ -192,13 +320,13 @@ class Batch(_Message):
     items: list[Record]
 
 
-Message = Annotated[Union[DesiredState, DeviceState, Telemetry, Event, Summary, Batch], Field(discriminator="type")]
+Message = Annotated[Union[DesiredState, DeviceState, Telemetry, Event, Summary, Sample, Batch], Field(discriminator="type")]
 
 # Which message types may appear on which channel of a device topic.
 CHANNEL_TYPES: dict[str, tuple[type[BaseModel], ...]] = {
     "desired": (DesiredState,),
     "state": (DeviceState,),
-    "telemetry": (Batch, Telemetry, Summary),
+    "telemetry": (Batch, Telemetry, Summary, Sample),
     "events": (Batch, Event),
     "cmd": (),
 }

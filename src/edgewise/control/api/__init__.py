@@ -2,14 +2,14 @@
 
 from fastapi import APIRouter
 
-from . import auth, deployments, devices, models, provisioning, releases, system, telemetry
+from . import auth, deployments, devices, drift, models, provisioning, releases, samples, system, telemetry
 
 API_PREFIX = "/api/v1"
 
 
 def api_router() -> APIRouter:
     router = APIRouter(prefix=API_PREFIX)
-    for module in (devices, models, deployments, telemetry, system, auth, provisioning, releases):
+    for module in (devices, models, deployments, telemetry, system, auth, provisioning, releases, drift, samples):
         router.include_router(module.router)
     return router
 

@@ -138,6 +138,58 @@ async function refreshAudit() {
   section.hidden = false;
 }
 
+// -- drift: per-device scores, peer outliers (a broken device) and fleet-wide shift (the world changed) --
+
+const DRIFT_LABEL = { peer_outlier: "peer outlier", drifted: "drifted with fleet", ok: "ok", insufficient_data: "too few samples" };
+const FLEET_LABEL = { fleet_shift: "fleet-wide shift", ok: "fleet ok", no_reference: "no reference statistics", insufficient_data: "too few samples" };
+
+function fmtScore(d) {
+  return d ? d.score.toFixed(2) : "—";
+}
+
+function driftRow(report, d) {
+  const tr = el("tr", `drift-${d.status}`);
+  tr.dataset.device = d.device_id;
+  tr.appendChild(el("td", "device", d.device_id));
+  tr.appendChild(el("td", "", version(report.model, report.version)));
+  tr.appendChild(el("td", `drift-status drift-status-${d.status}`, DRIFT_LABEL[d.status] || d.status));
+  tr.appendChild(el("td", "num", fmtScore(d.reference)));
+  tr.appendChild(el("td", "num", fmtScore(d.peers)));
+  tr.appendChild(el("td", "num", d.peer_z != null ? d.peer_z.toFixed(1) : "—"));
+  const worst = d.status === "peer_outlier" ? d.peers : d.reference;
+  tr.appendChild(el("td", "", worst && worst.worst ? worst.worst : "—"));
+  tr.appendChild(el("td", "num", d.n));
+  return tr;
+}
+
+async function refreshDrift() {
+  const section = document.getElementById("drift");
+  const overview = await getJSON("/drift");
+  if (overview.length === 0) {
+    section.hidden = true;
+    return;
+  }
+  const reports = await Promise.all(overview.map((o) =>
+    getJSON(`/drift/${encodeURIComponent(o.model)}/${encodeURIComponent(o.version)}`)));
+  const alerts = await getJSON("/alerts?status=open&kind=drift.&limit=50");
+  const fleetItems = reports.map((r) => {
+    const li = el("li", `drift-fleet-${r.status}`,
+      `${version(r.model, r.version)}: ${FLEET_LABEL[r.status] || r.status}` +
+      (r.pooled ? ` (pooled score ${r.pooled.score.toFixed(2)}${r.pooled.worst ? ", worst " + r.pooled.worst : ""})` : "") +
+      ` · ${r.devices.length} devices · peer outliers: ${r.outliers.length ? r.outliers.join(", ") : "none"}`);
+    return li;
+  });
+  document.getElementById("drift-fleet").replaceChildren(...fleetItems);
+  const rows = [];
+  for (const r of reports) for (const d of r.devices) rows.push(driftRow(r, d));
+  document.getElementById("drift-body").replaceChildren(...rows);
+  const items = alerts.map((a) => el("li", `alert alert-${a.kind.replace(".", "-")}`,
+    `${new Date(a.opened_at).toLocaleString()} · ${a.kind} · ${a.message}`));
+  if (items.length === 0) items.push(el("li", "muted", "none"));
+  document.getElementById("drift-alerts").replaceChildren(...items);
+  section.hidden = false;
+}
+
 async function refresh() {
   const errorEl = document.getElementById("error");
   try {
@@ -163,6 +215,7 @@ async function refresh() {
     document.getElementById("health").textContent =
       `server ${health.status} · broker ${health.mqtt.connected ? "connected" : "DISCONNECTED"} (${health.mqtt.embedded ? "embedded" : "external"})`;
     await refreshAudit();
+    await refreshDrift();
     errorEl.hidden = true;
   } catch (e) {
     if (e instanceof Unauthorized) {

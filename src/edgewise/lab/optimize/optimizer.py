@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .data import CalibrationSet, EvalSet, ModelIO, bind_inputs, check_labels, repeat_to
+from .data import GENERIC_INPUT_KEY, CalibrationSet, EvalSet, ModelIO, bind_inputs, check_labels, load_npz, repeat_to
 from .errors import DataError, MetricError, OptimizeError, RecipeSkipped, TargetOutOfReachError
 from .machine import MachineInfo
 from .measure import (
@@ -160,6 +160,22 @@ def _bind_calibration(calibration: Any, io: ModelIO) -> dict[str, np.ndarray]:
     return bind_inputs(calibration, io, what="calibration")
 
 
+def _preprocessed(arrays: Mapping[str, np.ndarray], io: ModelIO, spec: Any, what: str) -> dict[str, np.ndarray]:
+    """``arrays`` with the bundle's preprocessing applied to the model's first input (as the agent does)."""
+    from ...data.preprocessing import PreprocessingError, PreprocessingSpec
+
+    if not isinstance(spec, PreprocessingSpec):
+        spec = PreprocessingSpec.model_validate(spec)
+    first = io.inputs[0].name
+    key = first if first in arrays else GENERIC_INPUT_KEY if GENERIC_INPUT_KEY in arrays else None
+    if key is None:
+        return dict(arrays)  # bind_inputs names what is missing
+    try:
+        return {**arrays, key: spec.apply(np.asarray(arrays[key]))}
+    except PreprocessingError as exc:
+        raise DataError(f"{what} data: the preprocessing rejects it: {exc}") from None
+
+
 def _preprocess(model: Path, out: Path, notes: list[str]) -> Path:
     """quant_pre_process with fallbacks; every node gets a unique name (mixed precision needs names)."""
     import onnx
@@ -209,6 +225,7 @@ def optimize(
     measure_here: bool | None = None,
     recipes: Sequence[str] | None = None,
     progress: Progress | None = None,
+    preprocessing: Any = None,
 ) -> OptimizeResult:
     """Return the fastest variant of ``model`` within ``max_accuracy_drop`` on ``profile``, with the evidence.
 
@@ -219,6 +236,9 @@ def optimize(
     this machine as the target, False labels every figure as a proxy. ``recipes``: names
     from ``recipes.RECIPES`` (default ``DEFAULT_RECIPES``); FP32 is always added.
     ``progress(message, done, total)`` is called as work proceeds.
+    ``preprocessing``: the bundle's ``PreprocessingSpec`` (or its JSON dict) when the data is raw: it is
+    applied to the first input of the calibration and eval data with the one implementation the agent
+    serves with, so the variants are calibrated and scored on what the device will feed them.
 
     Raises :class:`TargetOutOfReachError` (microcontroller-class profiles), ``ProfileError``,
     ``DataError``, ``MetricError``. A budget that no variant meets is *not* an exception:
@@ -275,6 +295,12 @@ def optimize(
     ev = evaluation if isinstance(evaluation, EvalSet) else (
         EvalSet.from_npz(evaluation) if isinstance(evaluation, (str, Path)) else EvalSet.from_mapping(evaluation)
     )
+    if preprocessing:
+        ev = EvalSet(_preprocessed(ev.inputs, io, preprocessing, "eval"), ev.labels)
+        calibration = _preprocessed(
+            load_npz(calibration)[0] if isinstance(calibration, (str, Path)) else
+            (calibration.inputs if isinstance(calibration, EvalSet) else calibration), io, preprocessing, "calibration",
+        )
     eval_inputs = bind_inputs(ev.inputs, io, what="eval")
     n_eval = len(next(iter(eval_inputs.values())))
     labels = check_labels(ev.labels, n_eval)

@@ -1,0 +1,106 @@
+"""The sliding window of bin indices that PSI and KS share: constant memory, one numpy pass per sample."""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..reference import Histogram
+
+
+
+def chi2_quantile(p: float, dof: int) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile (no scipy on the device)."""
+    z = NormalDist().inv_cdf(p)
+    k = max(dof, 1)
+    return k * (1 - 2 / (9 * k) + z * (2 / (9 * k)) ** 0.5) ** 3
+
+
+class BinnedWindow:
+    """The last ``window`` samples of ``F`` features, kept as bin indices plus per-feature bin counts.
+
+    Memory is ``window x F`` small integers and ``F x bins`` counts, whatever the stream length.
+    """
+
+    def __init__(self, reference: Histogram | Sequence[Histogram], window: int, pseudo: float = 0.5) -> None:
+        hists = [reference] if isinstance(reference, Histogram) else list(reference)
+        if not hists:
+            raise ValueError("a drift detector needs at least one reference histogram")
+        if window < 10:
+            raise ValueError(f"window must be at least 10 samples, got {window}")
+        width = max(len(h.cuts) for h in hists)
+        self.features = len(hists)
+        self.window = int(window)
+        self.cuts = np.full((self.features, max(width, 1)), np.inf)
+        self.ref = np.ones((self.features, self.cuts.shape[1] + 1))  # 1 where a feature has no such bin: adds 0 to PSI
+        self.valid = np.zeros_like(self.ref, dtype=bool)
+        for i, h in enumerate(hists):
+            self.cuts[i, : len(h.cuts)] = h.cuts
+            self.ref[i, : len(h.counts)] = h.probabilities(pseudo)
+            self.valid[i, : len(h.counts)] = True
+        self.bins = self.valid.sum(axis=1)  # per feature
+        self.reference_size = np.array([sum(h.counts) for h in hists], dtype=np.float64)
+        self.pseudo = pseudo
+        self.counts = np.zeros(self.ref.shape, dtype=np.int64)
+        self._ring = np.zeros((self.window, self.features), dtype=np.int16)
+        self._rows = np.arange(self.features)
+        self.n = 0
+        self._pos = 0
+        self.last = np.zeros(self.features, dtype=np.int64)  # bin indices of the latest sample (for sketches)
+        self._base = (self._rows * self.counts.shape[1])[None, :]  # flat offset of each feature's row in `counts`
+        self._maxbin = (self.bins - 1)[None, :]
+        self._cut_cols = np.ascontiguousarray(self.cuts.T)  # (max_cuts, features)
+
+    def push(self, x: Any) -> None:
+        """Add one sample (one value per feature)."""
+        self.push_many(np.asarray(x, dtype=np.float64).reshape(1, -1))
+
+    def push_many(self, xs: np.ndarray) -> np.ndarray:
+        """Add ``k`` samples at once (``(k, features)``, oldest first); returns their ``(k, features)`` bin indices.
+
+        A NaN falls in bin 0 and +inf in the last bin (comparisons with NaN are false)."""
+        xs = np.asarray(xs, dtype=np.float64)
+        if xs.ndim != 2 or xs.shape[1] != self.features:
+            raise ValueError(f"expected {self.features} feature values per sample, got shape {list(xs.shape)}")
+        k = xs.shape[0]
+        if k == 0:
+            return np.zeros((0, self.features), dtype=np.int64)
+        if k > self.window:  # only the last `window` samples can stay
+            xs = xs[-self.window :]
+            k = self.window
+        cut_cols = self._cut_cols
+        idx = (xs >= cut_cols[0]).astype(np.int64)
+        for col in cut_cols[1:]:  # one (k, features) comparison per cut: faster than a 3-D broadcast
+            idx += xs >= col
+        np.minimum(idx, self._maxbin, out=idx)  # +inf passes the +inf padding: keep it in the feature's last bin
+        flat = self.counts.reshape(-1)
+        size = flat.shape[0]
+        pos = (self._pos + np.arange(k)) % self.window
+        # positions [0, n) hold samples (the ring fills from 0 before it wraps): those leave the window now
+        leaving = pos if self.n >= self.window else pos[pos < self.n]
+        if len(leaving):
+            old = self._ring[leaving].astype(np.int64) + self._base
+            flat -= np.bincount(old.reshape(-1), minlength=size)
+        self._ring[pos] = idx
+        flat += np.bincount((idx + self._base).reshape(-1), minlength=size)
+        self.n = min(self.window, self.n + k)
+        self._pos = int((self._pos + k) % self.window)
+        self.last = idx[-1]
+        return idx
+
+    @property
+    def full(self) -> bool:
+        return self.n >= self.window
+
+    def window_probabilities(self) -> np.ndarray:
+        """Bin probabilities of the window with the same pseudo-counts as the reference; 1 where a bin is not valid."""
+        c = self.counts + self.pseudo
+        p = c / (self.n + self.pseudo * self.bins)[:, None]
+        return np.where(self.valid, p, 1.0)
+
+    def reset(self) -> None:
+        self.counts[:] = 0
+        self.n = 0
+        self._pos = 0
