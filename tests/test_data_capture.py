@@ -342,3 +342,32 @@ def test_a_corrupt_local_sample_store_is_moved_aside_and_capture_goes_on(tmp_pat
         assert len(_stored(again)) == 3
     finally:
         again.stop()
+
+
+def test_an_operator_switches_capture_off_for_a_tag_through_the_desired_state_and_back_to_device_config(tmp_path, keys_dir):
+    from fastapi.testclient import TestClient
+
+    from conftest import admin_headers
+    from edgewise.control.app import create_app
+    from edgewise.control.deployments import desired_state
+    from edgewise.control.devices import get_device
+    from edgewise.control.settings import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path / "cp", port=0, embedded_broker_port=0, trust=[keys_dir / "signing.pub"])
+    with TestClient(create_app(settings)) as client:
+        client.headers.update(admin_headers(settings.data_dir))
+        for dev, tags in (("cap-a", ["ward-3"]), ("cap-b", ["ward-3"]), ("cap-c", ["lab"])):
+            assert client.post("/api/v1/devices", json={"id": dev, "tags": tags}).status_code in (200, 201)
+        r = client.put("/api/v1/capture", json={"tag": "ward-3", "enabled": False})
+        assert r.status_code == 200, r.text
+        assert sorted(r.json()["devices"]) == ["cap-a", "cap-b"]
+        services = client.app.state.control
+        with services.db.session() as session:
+            states = {d: desired_state(get_device(session, d)) for d in ("cap-a", "cap-b", "cap-c")}
+        assert states["cap-a"].capture is False and states["cap-b"].capture is False and states["cap-c"] is None
+        assert client.put("/api/v1/capture", json={"device_id": "cap-a", "enabled": None}).status_code == 200
+        with services.db.session() as session:
+            again = desired_state(get_device(session, "cap-a"))
+        assert again.capture is None and again.generation > states["cap-a"].generation
+        assert client.put("/api/v1/capture", json={"tag": "nobody", "enabled": False}).status_code == 404
+        assert client.put("/api/v1/capture", json={"enabled": False}).status_code in (400, 422)

@@ -39,7 +39,7 @@ class Publisher(Protocol):
 
 def desired_state(device: Device) -> DesiredState | None:
     """The device's recorded desired state as a wire message; None if nothing was ever deployed."""
-    if not device.desired_generation or (device.desired_model is None and not device.desired_agent):
+    if not device.desired_generation:  # every generation records something (a model, an agent, a capture setting)
         return None
     return DesiredState(
         device_id=device.id,
@@ -50,8 +50,39 @@ def desired_state(device: Device) -> DesiredState | None:
         target=(device.desired_artifact or {}).get("tuf_target"),
         rollback=bool(device.desired_rollback),
         agent=AgentReleaseRef.model_validate(device.desired_agent) if device.desired_agent else None,
+        capture=device.desired_capture,
         issued_at=device.desired_issued_at or 0.0,
     )
+
+
+def set_capture(session: Session, publisher: Publisher | None, enabled: bool | None, *,
+                device_id: str | None = None, tag: str | None = None) -> list[DesiredState]:
+    """Switch sample capture off (False), allow it (True) or leave it to each device's config (None) for one
+    device or every device carrying ``tag``: a new desired generation, published retained like a deployment."""
+    if (device_id is None) == (tag is None):
+        raise InvalidRequestError("give exactly one target: device_id or tag")
+    targets = [get_device(session, device_id)] if device_id is not None else list_devices(session, tag=tag)
+    if not targets:
+        raise NotFoundError(f"no registered device has tag {tag!r}")
+    now = time.time()
+    for device in targets:
+        device.desired_generation = Device.desired_generation + 1  # type: ignore[assignment]
+        device.desired_capture = enabled
+        device.desired_issued_at = now
+    session.flush()
+    for device in targets:
+        session.refresh(device)
+    session.commit()
+    states = []
+    for device in targets:
+        state = desired_state(device)
+        if state is not None:
+            states.append(state)
+            if publisher is not None and not publish_desired(publisher, device):
+                log.warning("capture setting for %s recorded but not yet published; it goes out when the bus reconnects", device.id)
+    log.info("sample capture %s for %s", {True: "allowed", False: "off", None: "per device config"}[enabled],
+             f"device {device_id}" if device_id else f"tag {tag}")
+    return states
 
 
 def publish_desired(publisher: Publisher | None, device: Device) -> bool:

@@ -45,6 +45,8 @@ class Device(Base):
     desired_rollback: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The agent release the device should run ({version, artifact, target}; migration 0006); None: leave it.
     desired_agent: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # Sample capture for this device (migration 0008): False = off (privacy), True = allowed, None = its own config.
+    desired_capture: Mapped[bool | None] = mapped_column(Boolean, default=None, nullable=True)
     last_update: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     api_url: Mapped[str | None] = mapped_column(String(512), default=None)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session
 from .. import samples as sm
 from ..auth import OPERATOR, VIEWER
 from ..devices import get_device
-from .deps import get_session
+from ..deployments import Publisher
+from ..deployments import set_capture as set_capture_for
+from .deps import get_publisher, get_session
 
 router = APIRouter(tags=["samples"])
 
@@ -43,6 +45,29 @@ class SampleOut(BaseModel):
     confidence: float | None
     inputs: list[SampleInputOut]
     size: int = Field(description="Bytes of input data.")
+
+
+class CaptureSetting(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: str | None = None
+    tag: str | None = None
+    enabled: bool | None = Field(description="False: capture off for these devices (privacy); True: allowed; null: each device's own config.")
+
+
+class CaptureSettingOut(BaseModel):
+    devices: list[str]
+    enabled: bool | None
+    generations: dict[str, int]
+
+
+@router.put("/capture", response_model=CaptureSettingOut, dependencies=[OPERATOR])
+def set_capture(body: CaptureSetting, session: Session = Depends(get_session),
+                publisher: Publisher | None = Depends(get_publisher)) -> CaptureSettingOut:
+    """Switch sample capture off (or allow it again) for one device or a group (tag), through the desired state."""
+    states = set_capture_for(session, publisher, body.enabled, device_id=body.device_id, tag=body.tag)
+    return CaptureSettingOut(devices=[s.device_id for s in states], enabled=body.enabled,
+                             generations={s.device_id: s.generation for s in states})
 
 
 class SampleCountOut(BaseModel):

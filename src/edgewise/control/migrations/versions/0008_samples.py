@@ -19,6 +19,8 @@ UTC = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("devices") as batch:
+        batch.add_column(sa.Column("desired_capture", sa.Boolean(), nullable=True))
     op.create_table(
         "samples",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
@@ -41,5 +43,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("devices") as batch:
+        batch.drop_column("desired_capture")
     op.drop_index("ix_samples_model_version", table_name="samples")
     op.drop_table("samples")
