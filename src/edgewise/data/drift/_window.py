@@ -104,3 +104,56 @@ class BinnedWindow:
         self.counts[:] = 0
         self.n = 0
         self._pos = 0
+
+
+class WindowDetector:
+    """What PSI and KS share: a :class:`BinnedWindow`, a statistic per feature checked every ``check_every``
+    samples once the window is full, and the river-style surface (``update``, ``drift_detected``, ``score``).
+    A subclass sets ``_w``, ``threshold`` and ``check_every`` and computes its statistic in ``_statistic``."""
+
+    _w: BinnedWindow
+    threshold: np.ndarray
+    check_every: int
+
+    def _start(self) -> None:
+        self.values = np.zeros(self._w.features)
+        self.score = 0.0
+        self.drift_detected = False
+        self._since = 0
+
+    def _statistic(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def update(self, x: Any) -> None:
+        """Add one sample (a scalar, or one value per feature)."""
+        self.update_many(np.asarray(x, dtype=np.float64).reshape(1, -1))
+
+    def update_many(self, xs: np.ndarray) -> np.ndarray:
+        """Add ``(k, features)`` samples at once (one statistic per call at most: the agent's block path);
+        returns their bin indices."""
+        w = self._w
+        idx = w.push_many(xs)
+        self._since += len(idx)
+        if self._since < self.check_every or not w.full:
+            self.drift_detected = False if not w.full else self.drift_detected
+            return idx
+        self._since = 0
+        self.values = self._statistic()
+        self.score = float((self.values / self.threshold).max())
+        self.drift_detected = self.score > 1.0
+        return idx
+
+    @property
+    def drifted(self) -> list[int]:
+        """Indices of the features over their threshold at the last check."""
+        return np.flatnonzero(self.values > self.threshold).tolist()
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Window counts per feature and bin (read-only view)."""
+        return self._w.counts
+
+    def reset(self) -> None:
+        self._w.reset()
+        self.values[:] = 0
+        self.score, self.drift_detected, self._since = 0.0, False, 0

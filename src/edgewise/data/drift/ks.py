@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..reference import Histogram
-from ._window import BinnedWindow
+from ._window import BinnedWindow, WindowDetector
 
 
-class KS:
+class KS(WindowDetector):
     """KS distance between the window and the reference, on the reference's bins, per feature.
 
     ``D = max_k |F_window(k) - F_reference(k)|`` over the cumulative bin counts (the binned statistic
@@ -55,37 +55,9 @@ class KS:
         c = math.sqrt(-0.5 * math.log(a / 2))
         self.threshold = c * np.sqrt(1.0 / self._w.window + 1.0 / np.maximum(self._w.reference_size, 1.0))
         self._ref_cdf = np.cumsum(np.where(self._w.valid, self._w.ref, 0.0), axis=1)
-        self.values = np.zeros(self._w.features)
-        self.score = 0.0
-        self.drift_detected = False
-        self._since = 0
+        self._start()
 
-    def update(self, x: Any) -> None:
-        """Add one sample (a scalar, or one value per feature)."""
-        self.update_many(np.asarray(x, dtype=np.float64).reshape(1, -1))
-
-    def update_many(self, xs: np.ndarray) -> np.ndarray:
-        """Add ``(k, features)`` samples at once (one statistic per call at most: the agent's block path);
-        returns their bin indices."""
+    def _statistic(self) -> np.ndarray:
         w = self._w
-        idx = w.push_many(xs)
-        self._since += len(idx)
-        if self._since < self.check_every or not w.full:
-            self.drift_detected = False if not w.full else self.drift_detected
-            return idx
-        self._since = 0
         cdf = np.cumsum(w.counts, axis=1) / w.n
-        self.values = np.abs(cdf - self._ref_cdf).max(axis=1)
-        ratio = self.values / self.threshold
-        self.score = float(ratio.max())
-        self.drift_detected = self.score > 1.0
-        return idx
-
-    @property
-    def drifted(self) -> list[int]:
-        return np.flatnonzero(self.values > self.threshold).tolist()
-
-    def reset(self) -> None:
-        self._w.reset()
-        self.values[:] = 0
-        self.score, self.drift_detected, self._since = 0.0, False, 0
+        return np.abs(cdf - self._ref_cdf).max(axis=1)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..reference import Histogram
-from ._window import BinnedWindow, chi2_quantile
+from ._window import BinnedWindow, WindowDetector, chi2_quantile
 
 
-class PSI:
+class PSI(WindowDetector):
     """PSI between the last ``window`` samples and the reference histogram, per feature.
 
     ``PSI = sum_k (p_k - q_k) ln(p_k / q_k)`` (window ``p``, reference ``q``). On unchanged data,
@@ -55,43 +55,8 @@ class PSI:
         per = 1.0 - alpha / self._w.features
         self.threshold = np.array([chi2_quantile(per, int(b) - 1) for b in self._w.bins]) * factor
         self._log_ref = np.log(self._w.ref)
-        self.values = np.zeros(self._w.features)
-        self.score = 0.0
-        self.drift_detected = False
-        self._since = 0
+        self._start()
 
-    def update(self, x: Any) -> None:
-        """Add one sample (a scalar, or one value per feature)."""
-        self.update_many(np.asarray(x, dtype=np.float64).reshape(1, -1))
-
-    def update_many(self, xs: np.ndarray) -> np.ndarray:
-        """Add ``(k, features)`` samples at once (one statistic per call at most: the agent's block path);
-        returns their bin indices."""
-        w = self._w
-        idx = w.push_many(xs)
-        self._since += len(idx)
-        if self._since < self.check_every or not w.full:
-            self.drift_detected = False if not w.full else self.drift_detected
-            return idx
-        self._since = 0
-        p = w.window_probabilities()
-        self.values = np.sum((p - w.ref) * (np.log(p) - self._log_ref), axis=1)
-        ratio = self.values / self.threshold
-        self.score = float(ratio.max())
-        self.drift_detected = self.score > 1.0
-        return idx
-
-    @property
-    def drifted(self) -> list[int]:
-        """Indices of the features over their threshold at the last check."""
-        return np.flatnonzero(self.values > self.threshold).tolist()
-
-    @property
-    def counts(self) -> np.ndarray:
-        """Window counts per feature and bin (read-only view)."""
-        return self._w.counts
-
-    def reset(self) -> None:
-        self._w.reset()
-        self.values[:] = 0
-        self.score, self.drift_detected, self._since = 0.0, False, 0
+    def _statistic(self) -> np.ndarray:
+        p = self._w.window_probabilities()
+        return np.sum((p - self._w.ref) * (np.log(p) - self._log_ref), axis=1)
