@@ -46,15 +46,16 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 import zstandard
 
 from ..protocol import Event, Sample, Summary, Telemetry, topics
-from ..protocol.codec import COMPRESS_ABOVE, MAX_PAYLOAD
+from ..protocol.codec import COMPRESS_ABOVE
 from ..protocol.messages import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -325,8 +326,7 @@ class Outbox:
         try:
             self._set_sync("FULL" if full else "NORMAL")
             added = sum(len(e[4]) + ROW_OVERHEAD for e in encoded)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 dropped_new = False
                 if self._bytes + added <= self.max_bytes:  # the common case: room for all, one executemany
                     self._db.executemany(_INSERT, [(e[0], e[1], e[2], e[3], len(e[4]), e[4]) for e in encoded])
@@ -347,14 +347,6 @@ class Outbox:
                     self._db.execute(_SET, ("seq_reserved", end + SEQ_BLOCK))
                 for p, n in self._unsaved_drops.items():
                     self._bump(f"dropped_{p}", n)
-                self._db.execute("COMMIT")
-            except BaseException:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                self._bytes = self._recount()
-                raise
         except (sqlite3.Error, OSError) as exc:
             if _is_disk_full(exc):
                 raise _DiskFull() from None
@@ -369,6 +361,22 @@ class Outbox:
         if full:
             self._last_sync = time.monotonic()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE … COMMIT; on any error ROLLBACK and recount the bytes (what the failed statements
+        subtracted or added never happened), then re-raise for the caller to translate."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self._bytes = self._recount()
+            raise
+
     def _free_for_disk_full(self, encoded: list[tuple]) -> None:
         """The disk is full: delete the oldest records of priority <= the new ones' until enough bytes are freed."""
         need = sum(len(e[4]) + ROW_OVERHEAD for e in encoded) + DISK_FULL_FREE_BYTES
@@ -379,28 +387,23 @@ class Outbox:
             pass
         try:
             saved = dict(self._unsaved_drops)
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                freed = 0
-                for row in self._db.execute(
-                    "SELECT seq, priority, size FROM records WHERE priority <= ? ORDER BY priority, seq", (top,)
-                ).fetchall():
-                    if freed >= need:
-                        break
-                    self._db.execute("DELETE FROM records WHERE seq = ?", (row[0],))
-                    self._unsaved_drops[row[1]] = self._unsaved_drops.get(row[1], 0) + 1
-                    freed += row[2] + ROW_OVERHEAD
-                for p, n in self._unsaved_drops.items():
-                    self._bump(f"dropped_{p}", n)
-                self._db.execute("COMMIT")
-                self._unsaved_drops.clear()
+                with self._transaction():
+                    freed = 0
+                    for row in self._db.execute(
+                        "SELECT seq, priority, size FROM records WHERE priority <= ? ORDER BY priority, seq", (top,)
+                    ).fetchall():
+                        if freed >= need:
+                            break
+                        self._db.execute("DELETE FROM records WHERE seq = ?", (row[0],))
+                        self._unsaved_drops[row[1]] = self._unsaved_drops.get(row[1], 0) + 1
+                        freed += row[2] + ROW_OVERHEAD
+                    for p, n in self._unsaved_drops.items():
+                        self._bump(f"dropped_{p}", n)
             except BaseException:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
                 self._unsaved_drops = saved  # nothing was deleted after all
                 raise
+            self._unsaved_drops.clear()
         except (sqlite3.Error, OSError) as exc:
             self._bytes = self._recount()
             if _is_disk_full(exc):
@@ -453,26 +456,20 @@ class Outbox:
             if held <= max_bytes:
                 return 0
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                n = 0
-                for seq, size in self._db.execute(
-                    "SELECT seq, size FROM records WHERE priority = ? ORDER BY seq", (priority,)
-                ).fetchall():
-                    if held <= max_bytes:
-                        break
-                    self._db.execute("DELETE FROM records WHERE seq = ?", (seq,))
-                    held -= size + ROW_OVERHEAD
-                    self._bytes -= size + ROW_OVERHEAD
-                    n += 1
-                self._bump(f"dropped_{priority}", n)
-                self._db.execute(_SET, ("next_seq", self._next_seq))  # the newest record may be gone
-                self._db.execute("COMMIT")
+                with self._transaction():
+                    n = 0
+                    for seq, size in self._db.execute(
+                        "SELECT seq, size FROM records WHERE priority = ? ORDER BY seq", (priority,)
+                    ).fetchall():
+                        if held <= max_bytes:
+                            break
+                        self._db.execute("DELETE FROM records WHERE seq = ?", (seq,))
+                        held -= size + ROW_OVERHEAD
+                        self._bytes -= size + ROW_OVERHEAD
+                        n += 1
+                    self._bump(f"dropped_{priority}", n)
+                    self._db.execute(_SET, ("next_seq", self._next_seq))  # the newest record may be gone
             except sqlite3.Error as exc:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                self._bytes = self._recount()
                 raise OutboxError(f"cannot drop records from the outbox {self.path}: {exc}") from None
         return n
 
@@ -519,23 +516,17 @@ class Outbox:
             return 0
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                removed = 0
-                for i in range(0, len(seqs), 500):
-                    chunk = seqs[i : i + 500]
-                    marks = ",".join("?" * len(chunk))
-                    freed = self._db.execute(f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM records WHERE seq IN ({marks})", chunk).fetchone()
-                    self._db.execute(f"DELETE FROM records WHERE seq IN ({marks})", chunk)
-                    self._bytes -= int(freed[0]) + int(freed[1]) * ROW_OVERHEAD
-                    removed += int(freed[1])
-                self._db.execute(_SET, ("next_seq", self._next_seq))
-                self._db.execute("COMMIT")
+                with self._transaction():
+                    removed = 0
+                    for i in range(0, len(seqs), 500):
+                        chunk = seqs[i : i + 500]
+                        marks = ",".join("?" * len(chunk))
+                        freed = self._db.execute(f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM records WHERE seq IN ({marks})", chunk).fetchone()
+                        self._db.execute(f"DELETE FROM records WHERE seq IN ({marks})", chunk)
+                        self._bytes -= int(freed[0]) + int(freed[1]) * ROW_OVERHEAD
+                        removed += int(freed[1])
+                    self._db.execute(_SET, ("next_seq", self._next_seq))
             except sqlite3.Error as exc:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                self._bytes = self._recount()
                 raise OutboxError(f"cannot remove records from the outbox {self.path}: {exc}") from None
         return removed
 
