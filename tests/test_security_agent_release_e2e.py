@@ -62,7 +62,8 @@ def _wait(pred, timeout: float = 40.0, proc: subprocess.Popen | None = None, wha
 
 
 def _output(proc: subprocess.Popen) -> str:
-    return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    log = getattr(proc, "log_path", None)  # the launcher's output goes to a file: a pipe nobody reads fills and blocks it
+    return log.read_text(errors="replace") if log is not None and log.exists() else ""
 
 
 class Device:
@@ -85,7 +86,10 @@ class Device:
                "--device-id", self.id, "--api-port", "0", "--telemetry-interval", "0.5"]
         cmd += ["--tuf-root", str(self.root)] if tuf_root else []
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "EDGEWISE_FAULT_KILL_AT")}
-        self.proc = subprocess.Popen(cmd, env=env, cwd=self.state.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log_path = self.state.parent / f"{self.id}.log"
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=self.state.parent, stdout=log, stderr=subprocess.STDOUT)
+        self.proc.log_path = log_path  # type: ignore[attr-defined]
 
     def stop(self) -> str:
         proc = self.proc

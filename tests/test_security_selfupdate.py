@@ -65,7 +65,16 @@ def launcher_cmd(device: dict, *extra: str) -> list[str]:
 def start_launcher(device: dict, env: dict | None = None, *extra: str) -> subprocess.Popen:
     e = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "EDGEWISE_FAULT_KILL_AT")}
     e.update(env or {})
-    return subprocess.Popen(launcher_cmd(device, *extra), env=e, cwd=device["state"].parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log_path = device["state"].parent / f"{device['id']}-launcher.log"  # a file: a pipe nobody reads fills and blocks it
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(launcher_cmd(device, *extra), env=e, cwd=device["state"].parent, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    return proc
+
+
+def launcher_output(proc: subprocess.Popen) -> str:
+    log = getattr(proc, "log_path", None)
+    return log.read_text(errors="replace") if log is not None and log.exists() else ""
 
 
 def wait_for(pred, timeout: float = 60.0, proc: subprocess.Popen | None = None):
@@ -75,7 +84,7 @@ def wait_for(pred, timeout: float = 60.0, proc: subprocess.Popen | None = None):
         if v:
             return v
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            out = launcher_output(proc)
             raise AssertionError(f"launcher exited with {proc.returncode}:\n{out[-4000:]}")
         time.sleep(0.1)
     raise AssertionError("timed out")
@@ -89,7 +98,7 @@ def stop(proc: subprocess.Popen) -> str:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    return launcher_output(proc)
 
 
 def agent_health(device: dict) -> dict:
