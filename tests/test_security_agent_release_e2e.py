@@ -58,7 +58,8 @@ def _wait(pred, timeout: float = 40.0, proc: subprocess.Popen | None = None, wha
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"launcher exited with {proc.returncode}:\n{_output(proc)[-4000:]}")
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    tail = _output(proc)[-4000:] if proc is not None else ""
+    raise AssertionError(f"timed out waiting for {what}" + (f"; launcher output:\n{tail}" if tail else ""))
 
 
 def _output(proc: subprocess.Popen) -> str:
