@@ -137,17 +137,22 @@ class DriftObserver:
         scores = outputs.get(self._output_name) if self._output_name else None
         if scores is not None and (getattr(scores, "ndim", 0) != 2 or scores.shape[0] != x.shape[0]):
             scores = None
+        n = x.shape[0]
         with self._lock:
             if self._shape != x.shape[1:]:
                 self._allocate(x, scores)
             xb, sb = self._xbuf, self._sbuf
-            for i in range(x.shape[0]):
+            preds = scores is not None and sb is not None and scores.shape[1] == sb.shape[1]
+            i = 0
+            while i < n:  # whole slices into the block buffer: one copy per block, not one per row
                 k = self._k
-                xb[k] = x[i]  # type: ignore[index]
-                if scores is not None and sb is not None and scores.shape[1] == sb.shape[1]:
-                    sb[k] = scores[i]
-                    self._pred_rows += 1
-                self._k = k + 1
+                m = min(n - i, self.block - k)
+                xb[k : k + m] = x[i : i + m]  # type: ignore[index]
+                if preds:
+                    sb[k : k + m] = scores[i : i + m]  # type: ignore[index]
+                    self._pred_rows += m
+                self._k = k + m
+                i += m
                 if self._k == self.block:
                     self._flush()
 
