@@ -180,15 +180,20 @@ def test_a_release_whose_served_file_differs_from_its_signed_tuf_target_is_refus
     original = stored.read_bytes()
     tampered = bytearray(original)
     tampered[len(tampered) // 2] ^= 0x01
+    # every file the server could serve for it: the stored release and its TUF target (a hard link, or a copy)
+    served = [f for f in cp.settings.data_dir.rglob("*.ewr") if f.stat().st_size == len(original) and f.read_bytes() == original]
+    assert stored in served
     try:
-        with open(stored, "r+b") as f:  # in place: the TUF targets folder hard-links the same file
-            f.write(tampered)
+        for f in served:
+            with open(f, "r+b") as fh:  # in place, as a compromised disk or mirror would
+                fh.write(tampered)
         assert device.deploy_agent(NEXT).status_code == 201
         ev = _wait(lambda: next((e for e in device.events() if "not installed" in e["message"]), None), proc=device.proc,
                    what="the refusal event")
     finally:
-        with open(stored, "r+b") as f:
-            f.write(original)
+        for f in served:
+            with open(f, "r+b") as fh:
+                fh.write(original)
     assert "TUF refused the agent release (target-mismatch)" in ev["message"], ev["message"]
     assert device.health()["agent_version"] == CURRENT
     from edgewise.agent.selfupdate import AgentReleases
