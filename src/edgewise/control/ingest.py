@@ -266,6 +266,7 @@ def _summary_values(s: Summary, now: Any) -> dict[str, Any]:
         "classes": s.classes,
         "confidence_bins": s.confidence_bins,
         "confidence_hist": s.confidence_hist,
+        **_health_values(s),
     }
 
 
@@ -289,6 +290,22 @@ def _telemetry_values(t: Telemetry, now: Any) -> dict[str, Any]:
         "mem_percent": t.mem_percent,
         "outbox_pending": t.outbox_pending,
         "dropped": t.dropped,
+        **_health_values(t),
+    }
+
+
+def _health_values(m: Telemetry | Summary) -> dict[str, Any]:
+    """Model-health figures both record kinds carry (issue 7: rollout gates, alerts, series)."""
+    sh = m.shadow
+    return {
+        "drift_score": m.drift_score,
+        "temperature_c": m.temperature_c,
+        "shadow_version": sh.version[:128] if sh is not None else None,
+        "shadow_compared": sh.compared if sh is not None else None,
+        "shadow_agreed": sh.agreed if sh is not None else None,
+        "shadow_errors": sh.errors if sh is not None else None,
+        "shadow_latency_p95_ms": sh.latency_p95_ms if sh is not None else None,
+        "shadow_committed_latency_p95_ms": sh.committed_latency_p95_ms if sh is not None else None,
     }
 
 

@@ -117,6 +117,15 @@ class TelemetryRow(Base):
     mem_percent: Mapped[float | None] = mapped_column(Float, default=None)
     outbox_pending: Mapped[int | None] = mapped_column(Integer, default=None)
     dropped: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Model health (migration 0011, issue 7): drift score, temperature, shadow-mode comparison in the window.
+    drift_score: Mapped[float | None] = mapped_column(Float, default=None)
+    temperature_c: Mapped[float | None] = mapped_column(Float, default=None)
+    shadow_version: Mapped[str | None] = mapped_column(String(128), default=None)
+    shadow_compared: Mapped[int | None] = mapped_column(Integer, default=None)
+    shadow_agreed: Mapped[int | None] = mapped_column(Integer, default=None)
+    shadow_errors: Mapped[int | None] = mapped_column(Integer, default=None)
+    shadow_latency_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    shadow_committed_latency_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
 
 
 class EventRow(Base):
@@ -161,6 +170,15 @@ class SummaryRow(Base):
     classes: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
     confidence_bins: Mapped[list[float]] = mapped_column(JSON, default=list)
     confidence_hist: Mapped[list[int]] = mapped_column(JSON, default=list)
+    # Model health (migration 0011, issue 7): drift score, temperature, shadow-mode comparison in the window.
+    drift_score: Mapped[float | None] = mapped_column(Float, default=None)
+    temperature_c: Mapped[float | None] = mapped_column(Float, default=None)
+    shadow_version: Mapped[str | None] = mapped_column(String(128), default=None)
+    shadow_compared: Mapped[int | None] = mapped_column(Integer, default=None)
+    shadow_agreed: Mapped[int | None] = mapped_column(Integer, default=None)
+    shadow_errors: Mapped[int | None] = mapped_column(Integer, default=None)
+    shadow_latency_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    shadow_committed_latency_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
 
 
 # -- provisioning (fleet CA, enrollment; migration 0004) -------------------------------------------

@@ -47,6 +47,62 @@ class AgentReleaseRef(BaseModel):
     target: str | None = Field(default=None, description="The release's TUF target name (e.g. agent/edgewise-agent-0.2.0.ewr).")
 
 
+class ShadowTarget(BaseModel):
+    """The candidate a device runs in shadow mode: fetched and verified like any update, never served."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    version: str
+    artifact: ArtifactRef
+    target: str | None = Field(default=None, description="The candidate's TUF target name (as DesiredState.target).")
+    sample_every: int = Field(default=1, ge=1, description="Run the candidate on every n-th served input (1: all).")
+
+
+class ShadowStats(BaseModel):
+    """What shadow mode saw since the previous telemetry sample (counts, so windows add up)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    version: str
+    compared: int = Field(default=0, ge=0, description="Inputs both models answered.")
+    agreed: int = Field(default=0, ge=0, description="Of those, how many had the same top-1 class (or outputs within tolerance).")
+    errors: int = Field(default=0, ge=0, description="Inputs on which the candidate raised.")
+    latency_p95_ms: float | None = Field(default=None, description="Candidate's p95 latency in the window.")
+    committed_latency_p95_ms: float | None = Field(default=None, description="Committed model's p95 latency on the same inputs.")
+
+
+class ModelPlacement(BaseModel):
+    """A model the device hosts beside its primary one (issue 7, orchestration), with the resources it may use.
+
+    The agent serves each placed model in its own worker with ``threads`` intra-op threads and an address-space
+    limit of ``memory_mb``, so one model cannot starve another."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    version: str
+    artifact: ArtifactRef
+    target: str | None = None
+    threads: int = Field(default=1, ge=1)
+    memory_mb: int = Field(default=256, ge=16)
+
+
+class HostedModel(BaseModel):
+    """What the agent reports of each placed model it hosts (in DeviceState.hosted)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    version: str | None = None
+    status: Literal["starting", "serving", "failed", "stopped"] = "starting"
+    reason: str | None = None
+    threads: int = 1
+    memory_mb: int = 0
+    rss_mb: float | None = None
+
+
 class DesiredState(_Message):
     """Retained on ``devices/{id}/desired``: what the device should be running."""
 
@@ -71,6 +127,14 @@ class DesiredState(_Message):
         description="Sample capture for this device's group: False switches it off (privacy), True allows it where the "
         "device's own config enables it, None leaves the device's config alone. Older agents ignore it.",
     )
+    shadow: ShadowTarget | None = Field(
+        default=None,
+        description="A candidate model to run beside the committed one on live inputs without serving its answers "
+        "(shadow mode, issue 7); the agent reports agreement in Telemetry.shadow. None: no shadow. Older agents ignore it.",
+    )
+    placements: list[ModelPlacement] = Field(
+        default_factory=list, description="Models to host besides the primary one (issue 7). Older agents ignore it.",
+    )
     issued_at: float = 0.0
 
 
@@ -94,6 +158,11 @@ class HardwareInfo(BaseModel):
     os: str = ""
     runtime: str = ""
     providers: list[str] = Field(default_factory=list)
+    # Capabilities for variant assignment and placement (issue 7); older agents send none of these.
+    hardware_class: str | None = Field(default=None, description="Profile name the device declares (e.g. rpi4), from its config.")
+    isa: list[str] = Field(default_factory=list, description="CPU ISA features (e.g. avx2, avx512_vnni, neon, asimddp).")
+    disk_mb: int = 0
+    temperature_c: float | None = None
 
 
 class DeviceState(_Message):
@@ -113,6 +182,7 @@ class DeviceState(_Message):
     hardware: HardwareInfo | None = None
     tags: list[str] = Field(default_factory=list, description="Tags from the device's config; applied on first registration.")
     api_url: str | None = Field(default=None, description="The device's local API, for operators on the same host/LAN.")
+    hosted: list[HostedModel] = Field(default_factory=list, description="Placed models besides the primary one, and how each is doing.")
     ts: float = 0.0
 
 
@@ -142,6 +212,8 @@ class Telemetry(_Message):
     drift_score: float | None = Field(
         default=None, ge=0, description="Largest on-device drift score since the previous sample (1 = a detector's threshold; None: no reference statistics).",
     )
+    shadow: ShadowStats | None = Field(default=None, description="Shadow-mode comparison in this window (None: no shadow candidate).")
+    temperature_c: float | None = Field(default=None, description="SoC temperature where the device exposes one.")
     repairs: dict[str, int] = Field(
         default_factory=dict,
         description="Input values repaired by the bundle's preprocessing, cumulative since the agent started, by "
@@ -230,6 +302,8 @@ class Summary(_Message):
     drift_score: float | None = Field(
         default=None, ge=0, description="Largest on-device drift score in this window (1 = a detector's threshold; None: no reference statistics).",
     )
+    shadow: ShadowStats | None = Field(default=None, description="Shadow-mode comparison in this window (None: no shadow candidate).")
+    temperature_c: float | None = Field(default=None, description="SoC temperature where the device exposes one.")
     repairs: dict[str, int] = Field(
         default_factory=dict, description="Input values repaired by the bundle's preprocessing in this window, by '<step>/<feature>'.",
     )

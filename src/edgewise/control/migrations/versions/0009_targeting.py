@@ -1,0 +1,26 @@
+"""targeting: device capabilities, groups (saved queries), model variants and per-device overrides (issue 7)
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-11-27
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa  # noqa: F401
+from alembic import op  # noqa: F401
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+UTC = sa.DateTime(timezone=True)
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
