@@ -92,7 +92,7 @@ def test_dashboard_without_credentials_shows_only_the_sign_in_form(live_server, 
 def test_dashboard_shows_the_audit_log_with_who_changed_what(live_server, tmp_path):
     token = live_server.admin_token
     http_json("POST", f"{live_server.url}/api/v1/devices", {"id": "cam-audit", "tags": ["dock"]}, token=token)
-    dom = render(f"{live_server.url}/#token={token}", tmp_path)
+    dom = render(f"{live_server.url}/#/audit&token={token}", tmp_path)  # the audit log is its own page
     assert 'id="audit">' in dom  # shown to an admin
     assert "token:bootstrap (user:admin)" in dom
     assert "POST /api/v1/devices" in dom
@@ -112,7 +112,7 @@ def test_dashboard_shows_drift_scores_the_peer_outlier_the_fleet_shift_and_their
     token = live_server.admin_token
     wait_until(lambda: len(http_json("GET", f"{live_server.url}/api/v1/alerts?status=open", token=token)) == 2, 20,
                what="both drift alerts")
-    dom = render(f"{live_server.url}/#token={token}", tmp_path)
+    dom = render(f"{live_server.url}/#/drift&token={token}", tmp_path)  # drift is its own page
     assert 'id="drift">' in dom  # shown once devices send sketches
     assert "digits 1.0.0: fleet ok" in dom and f"peer outliers: {ids[3]}" in dom
     assert 'class="drift-status drift-status-peer_outlier">peer outlier<' in dom

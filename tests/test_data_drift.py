@@ -124,3 +124,36 @@ def test_adwin_memory_stays_bounded_on_a_long_stream():
         det.update(v)
     assert sum(len(level) for level in det._levels) <= 5 * 8 + 8
     assert det.width <= 5 * 2**8 + 2**8
+
+
+def test_window_bins_equal_searchsorted_on_the_reference_cuts_with_nan_and_inf_in_the_edge_bins():
+    rng = np.random.default_rng(5)
+    hists = [Histogram.fit(rng.normal(size=400), bins=b) for b in (2, 5, 10)]
+    window = BinnedWindow(hists, 30)
+    xs = rng.normal(size=(200, 3)) * 2
+    xs[::17, 0], xs[::13, 1], xs[::11, 2] = np.nan, np.inf, -np.inf
+    got = window.bin_indices(xs)
+    for f, h in enumerate(hists):
+        col = xs[:, f]
+        expected = np.searchsorted(np.asarray(h.cuts), col, side="right")
+        expected[np.isnan(col)] = 0
+        assert (got[:, f] == expected).all()
+
+
+def test_page_hinkley_bank_matches_one_detector_per_column_through_detections_restarts_and_nan():
+    from edgewise.data.drift.page_hinkley import PageHinkleyBank
+
+    rng = np.random.default_rng(2)
+    stream = np.concatenate([rng.normal(size=(2000, 3)), rng.normal(2.0, size=(600, 3))])
+    stream[:, 2] *= 0.2  # the third column never drifts far enough
+    stream[500:520, 1] = np.nan
+    bank = PageHinkleyBank(3, delta=0.5, threshold=25.0, mean=0.0)
+    singles = [PageHinkley(delta=0.5, threshold=25.0, mean=0.0) for _ in range(3)]
+    bank_hits = np.zeros(3, dtype=int)
+    single_hits = np.zeros(3, dtype=int)
+    for k in range(0, len(stream), 64):
+        block = stream[k : k + 64]
+        bank_hits += bank.update_many(block)
+        single_hits += [d.update_many(block[:, j]) for j, d in enumerate(singles)]
+        assert bank.score == pytest.approx([d.score for d in singles])
+    assert (bank_hits == single_hits).all() and bank_hits[0] > 0 and bank_hits[1] > 0

@@ -150,3 +150,47 @@ def test_drift_start_asks_for_adaptation_and_keeps_watching_an_adapted_model_of_
         assert agent.drift.observer is watching and agent.drift.active  # state carried over, no second start event
     finally:
         agent.stop()
+
+
+def test_sketch_counts_equal_a_recount_on_the_reference_bins_even_when_the_caller_reuses_its_buffer(digits_data):
+    from edgewise.agent.drift import DriftObserver
+    from edgewise.data.reference import compute_reference
+
+    x = (digits_data.x_test / 16).astype(np.float32)
+    ref = compute_reference(x[:200])
+    obs = DriftObserver(ref, block=16)
+    buf = np.empty((1, x.shape[1]), dtype=np.float32)
+    rows = x[200:300]
+    for row in rows:  # one reused input buffer, as a streaming caller would do
+        buf[0] = row
+        obs.observe(None, {"x": buf}, {})
+    buf[0] = 0.0
+    counts = obs.take_sketch_counts()
+    for f, h in enumerate(ref.features):
+        expected = np.bincount(np.searchsorted(np.asarray(h.cuts), rows[:, f].astype(np.float64), side="right"), minlength=len(h.counts))
+        assert counts["features"][f] == expected.tolist()
+    assert counts["n"] == len(rows)
+
+
+def test_drift_and_adaptation_settings_in_the_config_reach_the_detectors_and_the_adapter(tmp_path, keys_dir, drift_bundle, digits_data):
+    agent = make_agent(tmp_path / "cfg", keys_dir, device_id="drift-config", drift_block=8, drift_window=50, drift_input_test="ks",
+                       drift_scalar_detector="none", adapt_window=32, adapt_min_samples=16, adapt_method="coral", adapt_on_drift=False)
+    try:
+        assert agent.install(drift_bundle).result == "ok"
+        agent.predict(digits_data.x_test[:3])
+        obs = agent.drift.observer
+        assert obs.block == 8 and obs.window == 50 and type(obs.input_detector).__name__ == "KS" and not obs.scalar_scores
+        s = agent.adapter.settings
+        assert (s.window, s.min_samples, s.method) == (32, 16, "coral") and agent.adapt_on_drift is False
+    finally:
+        agent.stop()
+
+
+def test_drift_off_in_the_config_watches_nothing(tmp_path, keys_dir, drift_bundle, digits_data):
+    agent = make_agent(tmp_path / "off", keys_dir, device_id="drift-off", drift=False)
+    try:
+        assert agent.install(drift_bundle).result == "ok"
+        agent.predict(digits_data.x_test[:3])
+        assert agent.drift.observer is None and agent.drift not in agent.observers
+    finally:
+        agent.stop()

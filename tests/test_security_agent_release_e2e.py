@@ -244,7 +244,7 @@ def test_the_cli_uploads_a_release_and_deploys_it_to_a_tag(cp, releases):
     with httpx.Client(base_url=cp.url, headers=_h(cp), timeout=30) as c:
         assert c.post("/api/v1/devices", json={"id": f"{tag}-dev", "tags": [tag]}).status_code in (200, 201)
     env = {**os.environ, "EDGEWISE_API_TOKEN": cp.admin_token}
-    cli = [sys.executable, "-m", "edgewise.cli.main", "release"]
+    cli = [sys.executable, "-m", "edgewise.cli.main", "agent-release"]
     up = subprocess.run([*cli, "upload", str(releases["next"]), "--server", cp.url], env=env, capture_output=True, text=True, timeout=60)
     assert up.returncode == 0, up.stderr
     assert f"edgewise agent {NEXT}" in up.stdout and f"agent/edgewise-agent-{NEXT}.ewr" in up.stdout

@@ -401,3 +401,28 @@ def test_the_cli_creates_an_enrollment_token_enrolls_with_it_and_revokes_the_dev
     assert httpx.get(f"{cp.url}/api/v1/devices/{dev}", headers={"Authorization": f"Bearer {device_token}"}).status_code == 401
     again = runner.invoke(app, ["device", "revoke", dev, "--server", cp.url], env={"EDGEWISE_API_TOKEN": "ewt_wrong"})
     assert again.exit_code != 0 and "401" in again.output
+
+
+def test_embedded_broker_never_replays_another_devices_retained_messages_to_a_connecting_device(cp, tmp_path):
+    victim, victim_token = _enrolled(cp, tmp_path, "retv")
+    dev, token = _enrolled(cp, tmp_path, "reta")
+    v, vev = _mqtt(cp, victim, (victim, victim_token))
+    try:  # the victim holds a subscription on its own desired state, which has a retained message
+        v.subscribe(p.topics.desired(victim), 1)
+        assert vev["suback"].wait(5)  # type: ignore[attr-defined]
+        cp.services.bus.publish(p.topics.desired(victim), p.encode(p.DesiredState(device_id=victim, generation=1)), qos=1, retain=True)
+        deadline = time.monotonic() + 5
+        while not vev["messages"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c, ev = _mqtt(cp, dev, (dev, token))
+        try:
+            c.subscribe(p.topics.desired(dev), 1)
+            assert ev["suback"].wait(5)  # type: ignore[attr-defined]
+            time.sleep(1.0)
+            assert vev["messages"] and not [t for t in ev["messages"] if victim in t]  # type: ignore[union-attr]
+        finally:
+            c.disconnect()
+            c.loop_stop()
+    finally:
+        v.disconnect()
+        v.loop_stop()

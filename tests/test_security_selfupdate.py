@@ -238,7 +238,7 @@ def test_kill_9_during_install_leaves_the_running_env_untouched(device, releases
     r = installed(device, releases["current"], commit=True)
     before = (device["root"] / "current.json").read_bytes()
     env = {**os.environ, "EDGEWISE_FAULT_KILL_AT": step}
-    proc = subprocess.run([PY, "-m", "edgewise.cli.main", "release", "install", str(releases["next"]), "--state-dir", str(device["state"])],
+    proc = subprocess.run([PY, "-m", "edgewise.cli.main", "agent-release", "install", str(releases["next"]), "--state-dir", str(device["state"])],
                           env=env, capture_output=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     assert (device["root"] / "current.json").read_bytes() == before

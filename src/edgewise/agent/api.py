@@ -122,10 +122,14 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/metrics":
                 body, ctype = self.agent.monitor.exposition()
                 self._send(200, body, ctype)
+            elif path == "/v1/models":
+                m = self.agent.current_model
+                self._json(200, {"primary": {"model": m.name, "version": m.version} if m is not None else None,
+                                 "hosted": [h.model_dump(mode="json") for h in self.agent.hosting.hosted()]})
             elif path == "/v1/predict":
                 self._error(405, "use POST /v1/predict with a JSON body {\"inputs\": {name: array}}")
             else:
-                self._error(404, f"no route {path}; try POST /v1/predict, GET /v1/health, GET /metrics")
+                self._error(404, f"no route {path}; try POST /v1/predict, POST /v1/models/{{name}}/predict, GET /v1/models, GET /v1/health, GET /metrics")
         except Exception as exc:
             log.exception("GET %s failed", path)
             self._error(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -139,10 +143,17 @@ class _Handler(BaseHTTPRequestHandler):
                 log.exception("POST /v1/adapt failed")
                 self._error(500, f"internal error: {type(exc).__name__}: {exc}")
             return
+        if path.startswith("/v1/models/") and path.endswith("/predict"):
+            try:
+                self._predict_placed(path[len("/v1/models/"):-len("/predict")])
+            except Exception as exc:
+                log.exception("POST %s failed", path)
+                self._error(500, f"internal error: {type(exc).__name__}: {exc}")
+            return
         if path != "/v1/predict":
             # Drain the body so the keep-alive connection stays in sync.
             self._read_body()
-            self._error(404, f"no route POST {path}; predictions are POST /v1/predict")
+            self._error(404, f"no route POST {path}; predictions are POST /v1/predict (placed models: POST /v1/models/{{name}}/predict)")
             return
         try:
             self._predict()
@@ -154,15 +165,15 @@ class _Handler(BaseHTTPRequestHandler):
         """POST /v1/adapt ``{"method": "auto"|"adabn"|"coral"}`` (body optional): adapt the live model to the recent
         inputs (agent.adapt). 200 with the result when committed, 409 when not (too few samples, rolled back), 503 without a model."""
         body = self._read_body() or b""
-        method = "auto"
+        method: str | None = None  # the agent's configured adapt_method
         if body.strip():
             try:
                 obj = json.loads(body)
-                method = obj.get("method", "auto") if isinstance(obj, dict) else None
+                method = obj.get("method") if isinstance(obj, dict) else "?"
             except ValueError:
-                method = None
-            if method not in ("auto", "adabn", "coral"):
-                self._error(400, 'body must be JSON {"method": "auto" | "adabn" | "coral"} (or empty for auto)')
+                method = "?"
+            if method not in (None, "auto", "adabn", "coral"):
+                self._error(400, 'body must be JSON {"method": "auto" | "adabn" | "coral"} (or empty for the configured adapt_method)')
                 return
         if self.agent.current_model is None:
             self._error(503, "no model installed yet; nothing to adapt")
@@ -221,6 +232,53 @@ class _Handler(BaseHTTPRequestHandler):
                 "latency_ms": round(latency_ms, 4),
             },
         )
+
+    def _predict_placed(self, name: str) -> None:
+        """POST /v1/models/{name}/predict: a model placed on this device (agent.hosting), served by its own worker
+        process; the primary model answers under its own name too. Same body and answer as /v1/predict."""
+        from urllib.parse import unquote
+
+        from .hosting import PlacementError
+
+        name = unquote(name)
+        agent = self.agent
+        body = self._read_body()
+        if body is None:
+            self.close_connection = True
+            self._error(411, f"send the JSON body with a Content-Length header (at most {MAX_BODY} bytes)")
+            return
+        primary = agent.current_model
+        if agent.hosting.get(name) is None and primary is not None and primary.name == name:
+            try:
+                inputs = _parse_inputs(body, primary)
+                arrays = {k: json_to_array(k, v, primary.inputs.get(k)) for k, v in inputs.items()}
+                t0 = time.perf_counter_ns()
+                outputs = agent.predict_on(primary, arrays)
+            except InputError as exc:
+                self._error(400, str(exc))
+                return
+            except InferenceError as exc:
+                self._error(500, str(exc))
+                return
+            answer = {"model": primary.name, "version": primary.version, "outputs": outputs,
+                      "latency_ms": round((time.perf_counter_ns() - t0) / 1e6, 4)}
+        else:
+            try:
+                obj = json.loads(body)
+                inputs = obj.get("inputs", obj) if isinstance(obj, dict) else None
+                if not isinstance(inputs, dict) or not inputs:
+                    pm = agent.hosting.get(name)
+                    first = ((pm.info.get("inputs") if pm is not None else None) or ["x"])[0]
+                    raise InputError(f'body must be a JSON object like {{"inputs": {{"{first}": [[...]]}}}}')
+                answer = agent.hosting.predict(name, inputs, json_values=True)
+            except (ValueError, UnicodeDecodeError) as exc:  # InputError is a ValueError
+                self._error(400, str(exc) if isinstance(exc, InputError) else f"body is not valid JSON ({exc})")
+                return
+            except PlacementError as exc:
+                self._error(exc.status, str(exc))
+                return
+        outputs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in answer["outputs"].items()}
+        self._json(200, {**answer, "outputs": outputs})
 
 
 def _parse_inputs(body: bytes, model: Any) -> dict[str, Any]:

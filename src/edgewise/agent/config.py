@@ -50,6 +50,11 @@ class AgentConfig(BaseModel):
         description="ONNX Runtime intra-op threads; default: the bundle's tuned setting, else 1.",
     )
     tags: list[str] = Field(default_factory=list)
+    hardware_class: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="The device's hardware class, reported to the control plane (issue 7): the optimize profile name "
+        "(e.g. rpi4) whose model variants suit it; rollouts judge health per class.",
+    )
     trust_dir: Path | None = Field(default=None, description="Public keys bundles must be signed with; default state_dir/trust.")
     outbox_max_bytes: int = Field(default=16 * 2**20, ge=4096)
     reconnect_base_s: float = Field(default=0.5, gt=0, description="First reconnect delay bound (full jitter).")
@@ -108,6 +113,27 @@ class AgentConfig(BaseModel):
         description="upload: through the outbox at the lowest priority; local: kept on the device (samples.db) for federated learning.",
     )
     capture_seed: int | None = Field(default=None, description="Seed of the random-fraction draws (None: fresh entropy).")
+    # Drift detection (agent.drift; docs/data-drift.md). Active when the bundle carries reference statistics.
+    drift: bool = Field(default=True, description="Watch served inputs and predictions for drift (needs reference statistics in the bundle).")
+    drift_window: int = Field(default=200, ge=10, le=100_000, description="Samples in the sliding windows of the PSI/KS detectors.")
+    drift_alpha: float = Field(default=1e-4, gt=0.0, lt=0.5, description="False-alarm probability per check of each window detector.")
+    drift_input_test: Literal["psi", "ks"] = Field(default="psi", description="Per-feature input drift test.")
+    drift_scalar_detector: Literal["page_hinkley", "adwin", "both", "none"] = Field(
+        default="page_hinkley", description="Sequential change detector(s) on the standardised summary scalars.",
+    )
+    drift_block: int = Field(
+        default=64, ge=1, le=4096, description="Samples buffered per detector update: larger is cheaper per sample, later by up to one block.",
+    )
+    drift_ph_threshold: float = Field(default=25.0, gt=0.0, description="Page-Hinkley threshold (reference standard deviations).")
+    # Label-free adaptation (agent.adapt; docs/data-adaptation.md).
+    adapt_window: int = Field(default=256, ge=0, le=100_000, description="Recent inputs kept for adaptation (0: no buffer, no adaptation).")
+    adapt_min_samples: int = Field(default=64, ge=1, description="Inputs needed before an adaptation may run.")
+    adapt_method: Literal["auto", "adabn", "coral"] = Field(default="auto", description="auto: AdaBN when the model has BatchNorm, else CORAL.")
+    adapt_on_drift: bool = Field(default=True, description="Adapt when drift starts (at most once per adapt_drift_cooldown_s).")
+    adapt_drift_cooldown_s: float = Field(default=600.0, ge=0.0, description="Least time between two drift-triggered adaptations.")
+    adapt_max_golden_drop: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Largest golden-input accuracy drop an adapted model may show and still commit.",
+    )
 
     @field_validator("device_id")
     @classmethod

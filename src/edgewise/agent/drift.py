@@ -25,7 +25,8 @@ from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
-from ..data.drift import ADWIN, KS, PSI, PageHinkley
+from ..data.drift import ADWIN, KS, PSI
+from ..data.drift.page_hinkley import PageHinkleyBank
 from ..data.reference import (
     SCALARS,
     Histogram,
@@ -39,6 +40,11 @@ from ..data.reference import (
 log = logging.getLogger("edgewise.agent.drift")
 
 ScalarDetector = Literal["page_hinkley", "adwin", "both", "none"]
+
+# Samples per detector update. The cost of an update is ~130 µs whatever its size plus ~1.5 µs per sample
+# (digits, 64 features), so blocks of 64 cost ~4 µs per sample where blocks of 32 cost ~7; drift is
+# noticed at most one block later (docs/data-drift.md has the delays).
+DEFAULT_BLOCK = 64
 
 
 def class_histogram(counts: list[int]) -> Histogram:
@@ -75,8 +81,8 @@ class DriftObserver:
         alpha: float = 1e-4,
         input_test: Literal["psi", "ks"] = "psi",
         scalar_detector: ScalarDetector = "page_hinkley",
-        block: int = 32,
-        check_every: int = 32,
+        block: int = DEFAULT_BLOCK,
+        check_every: int = DEFAULT_BLOCK,
         ph_delta: float = 0.5,
         ph_threshold: float = 25.0,
         adwin_delta: float = 0.002,
@@ -107,12 +113,11 @@ class DriftObserver:
             self.prediction_detector = PSI(pred_hists, window=window, alpha=alpha, check_every=check_every)
         self._scalar_names = [s for s in SCALARS if s in reference.scalars]
         self._scalar_ref = np.array([[reference.scalars[s].mean, reference.scalars[s].std] for s in self._scalar_names]).reshape(-1, 2)
-        self.scalar_detectors: dict[str, PageHinkley | ADWIN] = {}
-        for s in self._scalar_names:
-            if scalar_detector in ("page_hinkley", "both"):
-                self.scalar_detectors[f"page_hinkley:{s}"] = PageHinkley(delta=ph_delta, threshold=ph_threshold, mean=0.0)
-            if scalar_detector in ("adwin", "both"):
-                self.scalar_detectors[f"adwin:{s}"] = ADWIN(delta=adwin_delta)
+        # Page-Hinkley on all summary scalars at once (one bank: one set of numpy calls per block), ADWIN per scalar
+        self._ph = (PageHinkleyBank(len(self._scalar_names), delta=ph_delta, threshold=ph_threshold, mean=0.0)
+                    if scalar_detector in ("page_hinkley", "both") and self._scalar_names else None)
+        self._adwin: dict[str, ADWIN] = (
+            {s: ADWIN(delta=adwin_delta) for s in self._scalar_names} if scalar_detector in ("adwin", "both") else {})
         self._lock = threading.Lock()  # predictions may come from several API threads
         self.samples = 0
         self.active = False
@@ -120,10 +125,11 @@ class DriftObserver:
         self._last_sequential = -(10**12)
         self._interval_score = 0.0
         self.alarms = 0  # drift starts since the observer was created
-        # the block buffer: raw samples and class scores, allocated at the first sample
+        # the block: raw samples and class scores since the last flush (at most ``block`` rows, or one batch)
         self._shape: tuple[int, ...] | None = None
-        self._xbuf: np.ndarray | None = None
-        self._sbuf: np.ndarray | None = None
+        self._width = -1  # class scores per row the prediction detector expects
+        self._xs: list[np.ndarray] = []  # rows since the last block, as served (copies)
+        self._ss: list[np.ndarray] = []  # their class scores
         self._k = 0
         self._pred_rows = 0  # rows in the buffer that came with class scores
         self._reset_sketch()
@@ -131,30 +137,25 @@ class DriftObserver:
     # -- the observer protocol ------------------------------------------------------------------
 
     def observe(self, model: Any, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        # The serving thread's share: keep a copy of the rows (the caller may reuse its buffers) and count them;
+        # everything else happens once per block in _flush.
         x = feed.get(self._input_name)
-        if x is None or x.ndim == 0 or x.shape[0] == 0:
+        if x is None:
+            return
+        shape = x.shape
+        if not shape or not shape[0]:
             return
         scores = outputs.get(self._output_name) if self._output_name else None
-        if scores is not None and (getattr(scores, "ndim", 0) != 2 or scores.shape[0] != x.shape[0]):
-            scores = None
-        n = x.shape[0]
         with self._lock:
-            if self._shape != x.shape[1:]:
+            if shape[1:] != self._shape:
                 self._allocate(x, scores)
-            xb, sb = self._xbuf, self._sbuf
-            preds = scores is not None and sb is not None and scores.shape[1] == sb.shape[1]
-            i = 0
-            while i < n:  # whole slices into the block buffer: one copy per block, not one per row
-                k = self._k
-                m = min(n - i, self.block - k)
-                xb[k : k + m] = x[i : i + m]  # type: ignore[index]
-                if preds:
-                    sb[k : k + m] = scores[i : i + m]  # type: ignore[index]
-                    self._pred_rows += m
-                self._k = k + m
-                i += m
-                if self._k == self.block:
-                    self._flush()
+            if scores is not None and scores.shape == (shape[0], self._width):
+                self._ss.append(scores.copy())
+                self._pred_rows += shape[0]
+            self._xs.append(x.copy())
+            self._k += shape[0]
+            if self._k >= self.block:
+                self._flush()
 
     def _allocate(self, x: np.ndarray, scores: np.ndarray | None) -> None:
         if self._k:
@@ -163,9 +164,8 @@ class DriftObserver:
         if feats.shape[1] != len(self._mean):
             raise ValueError(f"drift: the input gives {feats.shape[1]} features, the reference has {len(self._mean)}")
         self._shape = x.shape[1:]
-        self._xbuf = np.zeros((self.block, *self._shape), dtype=np.float64)
-        width = len(self.reference.classes or []) or (scores.shape[1] if scores is not None else 0)
-        self._sbuf = np.zeros((self.block, width), dtype=np.float64) if width else None
+        width = len(self.reference.classes or []) or (scores.shape[1] if scores is not None and scores.ndim == 2 else 0)
+        self._width = width if width else -1  # -1: no score shape matches, predictions are not watched
 
     def flush(self) -> None:
         """Update the detectors with the samples buffered so far (the telemetry tick calls it)."""
@@ -176,17 +176,19 @@ class DriftObserver:
     def _flush(self) -> None:
         k = self._k
         with_preds = self._pred_rows == k
+        xs, ss = self._xs, self._ss
+        self._xs, self._ss = [], []
         self._k = self._pred_rows = 0
-        feats = summary_features(self._xbuf[:k], self._fmap)  # type: ignore[index]
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        feats = summary_features(x.astype(np.float64, copy=False), self._fmap)
         z_mean, z_energy = input_scalars(feats, self._mean, self._std)
         cols = {"z_mean": z_mean, "z_energy": z_energy}
         self.samples += k
         fired: list[str] = []
         det = self.input_detector
         idx = det.update_many(feats)
-        finite = np.isfinite(z_energy)
-        if finite.all():
-            self._sk_feat += np.bincount((idx + self._sk_base).reshape(-1), minlength=self._sk_feat.size).reshape(self._sk_feat.shape)
+        if np.isfinite(z_energy).all():
+            self._sk_feat_flat += det._w.added  # the window just counted these rows on the same bins
         else:  # not-finite values go to the sketch's ``missing``, the rest to their bins
             ok = np.isfinite(feats)
             self._sk_feat += np.bincount((idx + self._sk_base)[ok], minlength=self._sk_feat.size).reshape(self._sk_feat.shape)
@@ -195,8 +197,8 @@ class DriftObserver:
             fired.append("input")
         top = det.score
         pd = self.prediction_detector
-        if with_preds and self._sbuf is not None:
-            probs = class_probabilities(self._sbuf[:k])
+        if with_preds and ss:
+            probs = class_probabilities(ss[0] if len(ss) == 1 else np.concatenate(ss))
             cls, conf, ent = confidence_entropy(probs)
             cols.update(confidence=conf, entropy=ent)
             if self._sk_conf is not None:
@@ -209,24 +211,29 @@ class DriftObserver:
                     fired.append("prediction")
                 top = max(top, pd.score)
         window_score = top
-        for j, name in enumerate(self._scalar_names):
-            col = cols.get(name)
-            if col is None:
-                continue
-            z = np.clip((col - self._scalar_ref[j, 0]) / self._scalar_ref[j, 1], -10.0, 10.0)
-            for kind in ("page_hinkley", "adwin"):
-                d = self.scalar_detectors.get(f"{kind}:{name}")
+        if self._scalar_names:
+            z = np.full((k, len(self._scalar_names)), np.nan)  # a scalar this block lacks (no scores) is skipped
+            for j, name in enumerate(self._scalar_names):
+                col = cols.get(name)
+                if col is not None:
+                    z[:, j] = col
+            z = np.clip((z - self._scalar_ref[:, 0]) / self._scalar_ref[:, 1], -10.0, 10.0)
+            if self._ph is not None:
+                hits = self._ph.update_many(z)
+                for j in (np.flatnonzero(hits) if hits.any() else ()):
+                    fired.append(f"page_hinkley:{self._scalar_names[j]}")
+                    self._last_sequential = self.samples
+                top = max(top, float(self._ph.score.max()))
+            for j, name in enumerate(self._scalar_names):
+                d = self._adwin.get(name)
                 if d is None:
                     continue
-                if isinstance(d, PageHinkley):
-                    hit = d.update_many(z) > 0
-                else:
-                    hit = False
-                    for v in z:
-                        d.update(v)
-                        hit = hit or d.drift_detected
+                hit = False
+                for v in z[:, j]:
+                    d.update(v)
+                    hit = hit or d.drift_detected
                 if hit:
-                    fired.append(f"{kind}:{name}")
+                    fired.append(f"adwin:{name}")
                     self._last_sequential = self.samples
                 top = max(top, d.score)
         self._sk_n += k
@@ -252,9 +259,20 @@ class DriftObserver:
     # -- what the agent reads -------------------------------------------------------------------
 
     @property
+    def scalar_scores(self) -> dict[str, float]:
+        """Current score of each sequential detector, keyed ``page_hinkley:<scalar>`` / ``adwin:<scalar>``."""
+        out: dict[str, float] = {}
+        for j, name in enumerate(self._scalar_names):
+            if self._ph is not None:
+                out[f"page_hinkley:{name}"] = float(self._ph.score[j])
+            if name in self._adwin:
+                out[f"adwin:{name}"] = float(self._adwin[name].score)
+        return out
+
+    @property
     def drift_score(self) -> float:
         """The largest current score of any detector (1 = its threshold)."""
-        scores = [self.input_detector.score] + [d.score for d in self.scalar_detectors.values()]
+        scores = [self.input_detector.score, *self.scalar_scores.values()]
         if self.prediction_detector is not None:
             scores.append(self.prediction_detector.score)
         return float(max(scores))
@@ -286,8 +304,8 @@ class DriftObserver:
         }
         if self.prediction_detector is not None:
             out["prediction_score"] = round(self.prediction_detector.score, 4)
-        if self.scalar_detectors:
-            out["scalar_scores"] = {k: round(d.score, 4) for k, d in self.scalar_detectors.items()}
+        if self.scalar_scores:
+            out["scalar_scores"] = {k: round(v, 4) for k, v in self.scalar_scores.items()}
         return out
 
     # -- sketch counts since the last interval (for the fleet) -----------------------------------
@@ -297,6 +315,7 @@ class DriftObserver:
         shape = self.input_detector._w.counts.shape
         self._sk_base = (np.arange(ref.num_features) * shape[1])[None, :]
         self._sk_feat = np.zeros(shape, dtype=np.int64)
+        self._sk_feat_flat = self._sk_feat.reshape(-1)  # a view: adding the window's flat counts fills _sk_feat
         self._sk_missing = np.zeros(ref.num_features, dtype=np.int64)
         self._conf_cuts = np.asarray(ref.confidence.cuts) if ref.confidence is not None else None
         self._sk_conf = np.zeros(len(ref.confidence.counts), dtype=np.int64) if ref.confidence is not None else None
@@ -393,6 +412,14 @@ class DriftWatch:
             self.observer = obs
             self._window_start = None
             self._for = model
+
+    def reset(self) -> None:
+        """Forget the detectors' state: the next prediction starts them afresh on the live model's reference
+        (an operator's ``drift.reset`` after fixing a sensor, so a drift that ended does not linger)."""
+        with self._lock:
+            self._for = None
+            self.observer = None
+            self._window_start = None
 
     @property
     def drift_score(self) -> float | None:

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
-from ..protocol import DesiredState, DeviceState, ProtocolError, decode_for_topic, encode, topics
+from ..protocol import Command, DesiredState, DeviceState, ProtocolError, decode_for_topic, encode, topics
 
 log = logging.getLogger("edgewise.agent.link")
 
@@ -74,6 +74,7 @@ class Link:
         on_bad_message: Callable[[str, str], None],
         state: Callable[[], DeviceState],
         on_connect: Callable[[], None] | None = None,
+        on_command: Callable[[Command], None] | None = None,
         tls: bool = False,
         tls_files: tuple[str, str, str] | None = None,
         credentials: tuple[str, str] | None = None,
@@ -89,6 +90,7 @@ class Link:
         self._on_desired = on_desired
         self._on_bad_message = on_bad_message
         self._on_connect_hook = on_connect
+        self._on_command = on_command
         self._state = state
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -232,7 +234,10 @@ class Link:
             self._session_over.set()
             return
         try:
-            client.subscribe(topics.desired(self.device_id), qos=1)
+            subs = [(topics.desired(self.device_id), 1)]
+            if self._on_command is not None:
+                subs.append((topics.cmd(self.device_id), 1))
+            client.subscribe(subs)
             client.publish(topics.state(self.device_id), encode(self._state()), qos=1, retain=True)
         except Exception as exc:
             log.error("after connect: %s", exc)
@@ -291,6 +296,12 @@ class Link:
                 return
             if isinstance(message, DesiredState):
                 self._on_desired(message)
+            elif isinstance(message, Command) and self._on_command is not None:
+                if message.device_id != self.device_id:
+                    self.bad_messages += 1
+                    self._on_bad_message(topic, f"command for {message.device_id!r} on this device's topic")
+                    return
+                self._on_command(message)
             else:
                 log.debug("ignoring %s message on %s", getattr(message, "type", "?"), topic)
         except Exception:

@@ -267,6 +267,16 @@ class _Collector:
         for prio, n in sorted(status.get("outbox_dropped", {}).items()):
             dropped.add_metric([prio], n)
         yield dropped
+        shadow = status.get("shadow")
+        if shadow:  # shadow mode (agent.shadow): comparisons of the candidate with the committed model since start
+            sh = CounterMetricFamily("edgewise_agent_shadow_inputs", "Sampled inputs in shadow mode, by outcome "
+                                     "(compared, agreed, errors, skipped: queue full).", labels=["outcome"])
+            for outcome in ("compared", "agreed", "errors", "skipped"):
+                sh.add_metric([outcome], shadow.get(outcome, 0))
+            yield sh
+            if shadow.get("model"):
+                yield InfoMetricFamily("edgewise_agent_shadow_candidate", "The shadow candidate loaded beside the served model.",
+                                       value={"model": str(shadow["model"]), "version": str(shadow.get("version") or "")})
         yield GaugeMetricFamily("edgewise_agent_outbox_pending", "Records waiting to be sent.", value=status.get("outbox_pending", 0))
         yield GaugeMetricFamily("edgewise_agent_seq_issued", "Sequence numbers issued so far.", value=status.get("seq_issued", 0))
         yield GaugeMetricFamily("edgewise_agent_connected", "1 while the MQTT session is up.", value=1 if status.get("connected") else 0)

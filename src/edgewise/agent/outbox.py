@@ -110,9 +110,10 @@ class OutboxRecord:
 
 
 def priority_of(record: Telemetry | Summary | Event | Sample) -> int:
-    """Alerts (error/critical events) > other events > telemetry > captured samples."""
+    """Alerts (error/critical events, and every ``alert.*`` event: raising and clearing) > other events > telemetry
+    > captured samples."""
     if isinstance(record, Event):
-        return PRIORITY_ALERT if record.severity in ("error", "critical") else PRIORITY_EVENT
+        return PRIORITY_ALERT if record.severity in ("error", "critical") or record.kind.startswith("alert.") else PRIORITY_EVENT
     if isinstance(record, Sample):
         return PRIORITY_SAMPLE
     return PRIORITY_TELEMETRY
@@ -289,7 +290,7 @@ class Outbox:
         rows = []  # (kind, priority, payload)
         for record in records:
             d = record.model_dump(mode="json")
-            kind = d["type"] if d["type"] in ("event", "sample") else "telemetry"
+            kind = d["type"] if d["type"] in ("event", "sample", "fl_update") else "telemetry"  # fl_update: learn (telemetry/fl)
             rows.append((kind, priority_of(record), d))
         with self._lock:
             first = self._next_seq
@@ -622,7 +623,7 @@ def drain_once(
     sent = 0
     for kind, topic in (
         ("event", topics.events(device_id)), ("telemetry", topics.telemetry(device_id)),
-        ("sample", topics.telemetry(device_id, "samples")),
+        ("sample", topics.telemetry(device_id, "samples")), ("fl_update", topics.telemetry(device_id, "fl")),
     ):
         group = [r for r in records if r.kind == kind]
         poison = [r.seq for r in group if not _well_formed(r.payload, kind)]

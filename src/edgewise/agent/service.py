@@ -33,13 +33,16 @@ from ..protocol import DesiredState, DeviceState, Event, HardwareInfo, Summary, 
 from . import sdnotify
 from .api import LocalApi
 from .config import AgentConfig
+from .crash import CrashWatch
 from ..fsutil import atomic_write
 from .drift import DriftWatch
+from .hosting import Hosting
 from .adapt import Adapter, AdaptResult, AdaptWindow
 from .monitor import Monitor
 from .observers import PredictionObserver
 from .outbox import Outbox, drain_once
 from .runtime import LoadedModel
+from .shadow import Shadow
 from .slots import Slots
 from .updater import HttpFetcher, Updater
 
@@ -110,13 +113,17 @@ class Agent:
         if self.capture is not None:
             self.observers.append(self.capture)
         # Drift detection (agent.drift): follows the live model, active when its bundle has reference statistics.
-        self.drift = DriftWatch(on_change=self._on_drift)
-        self.observers.append(self.drift)
+        self.drift = DriftWatch(on_change=self._on_drift, **_drift_settings(config))
+        if config.drift:
+            self.observers.append(self.drift)
         # Label-free adaptation (agent.adapt): a window of recent inputs, and the adapter that turns it into a
         # sealed, device-local delta on the signed base model (``adapt()``, ``request_adaptation()``).
-        self.adapter = Adapter(self.state_dir / "adapt", self.keystore, config.device_id, STORAGE_KEY, threads=config.threads)
+        self.adapter = Adapter(self.state_dir / "adapt", self.keystore, config.device_id, STORAGE_KEY, threads=config.threads,
+                               settings=_adapt_settings(config))
+        self.adapt_on_drift = config.adapt_on_drift
         self.adapt_window = AdaptWindow(self.adapter.settings.window)
-        self.observers.append(self.adapt_window)
+        if self.adapter.settings.window:
+            self.observers.append(self.adapt_window)
         self._adapt_thread: threading.Thread | None = None
         self._last_auto_adapt = float("-inf")
         fetcher = HttpFetcher(config.server_url, timeout=config.download_timeout_s, token_file=config.device_token_path)
@@ -133,6 +140,13 @@ class Agent:
             tuf=_tuf_client(config, fetcher),
             require_tuf=config.update_trust == "tuf",
         )
+        # Shadow mode (agent.shadow): a candidate from DesiredState.shadow answers sampled live inputs beside the
+        # committed model, on its own thread; never served. Idle (no thread) until a candidate is named.
+        self.shadow = Shadow(self.updater, self.state_dir / "shadow", emit=self._emit_event)
+        self.crashes = CrashWatch(self.state_dir)  # agent.crash: evidence a crashed run leaves for the next start
+        # Placed models (agent.hosting): each in its own worker process with its own threads and memory limit,
+        # converged from DesiredState.placements; reported in DeviceState.hosted.
+        self.hosting = Hosting(self.state_dir / "placed", self.updater, on_change=self._publish_state, emit=self._emit_event)
         self._link: Any = None
         self._api: LocalApi | None = None
         self._stop = threading.Event()
@@ -209,7 +223,10 @@ class Agent:
         except Exception:
             self.monitor.count_error()
             raise
-        self.monitor.record(time.perf_counter_ns() - t0)
+        took = time.perf_counter_ns() - t0
+        self.monitor.record(took)
+        if self.shadow.active:  # shadow mode: a bounded, non-blocking hand-off to the candidate's thread
+            self.shadow.offer(model, inputs, out, took)
         if self._summarize:
             self._observe(out)
         for observer in self.observers:
@@ -231,6 +248,13 @@ class Agent:
     def _activate(self, model: LoadedModel) -> None:
         model.repair_sink = self.monitor.count_repairs  # input repairs made by its preprocessing reach telemetry
         self._model = model  # one reference rebind: requests in flight keep the old one
+        if self._started and not self._stopped:
+            self._mark_running(model)
+
+    def _mark_running(self, model: LoadedModel | None) -> None:
+        """Crash evidence: which model this run serves, and whether it is still on trial (see agent.crash)."""
+        self.crashes.running(model.name if model else None, model.version if model else None,
+                             "trial" if self.slots.trial() is not None else "serving")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -243,6 +267,10 @@ class Agent:
         self._started = True
         cfg = self.config
         self._check_own_code()  # first: nothing below runs on code that is not the signed release
+        # Crash accounting: read how the previous run ended (before the trial record changes), then mark this one.
+        crashed = self.crashes.previous_run(self.slots.trial())
+        loading = self.slots.trial() or self.slots.record()
+        self.crashes.running(loading.model if loading else None, loading.version if loading else None, "load")
         if self._model is None:
             model, problem = self.updater.load_committed()
             if model is not None:
@@ -256,6 +284,10 @@ class Agent:
                     # A model that crashed the agent on trial would crash it again: do not retry this
                     # generation; the control plane must issue a new one (a fix, or an explicit retry).
                     self._set_failed_generation(res.generation)
+        self._mark_running(self._model)
+        for report in crashed:  # model.crash / agent.crash / agent.unclean_exit: the control plane counts them
+            (log.error if report.severity == "error" else log.warning)("%s", report.message)
+            self._emit_event(report.kind, report.message, severity=report.severity, detail=report.detail)
         if len(self.updater.trusted()) == 0:
             log.warning("no trusted keys in %s: every bundle will be refused; copy the fleet's signing .pub there", cfg.trust_path)
         try:
@@ -268,6 +300,7 @@ class Agent:
         log.info("%s serving %s on %s", self.device_id, self._describe_model(), self._api.url)
         self._emit_event("start", f"agent {__version__} started with {self._describe_model()}", detail={"api_port": self._api.port})
         self._spawn("telemetry", self._telemetry_loop)
+        self.hosting.restore()  # the placed models of the last desired state, also offline
         addr = cfg.broker_address()
         if addr is not None:
             from .enroll import LinkSecurityError, link_security
@@ -282,7 +315,7 @@ class Agent:
             self._link = Link(
                 self.device_id, host, port, tls=tls, tls_files=tls_files, credentials=credentials,
                 protocol={"5": 5, "3.1.1": 4}.get(cfg.mqtt_protocol),
-                on_desired=self._on_desired, on_bad_message=self._on_bad_message,
+                on_desired=self._on_desired, on_bad_message=self._on_bad_message, on_command=self._on_command,
                 state=self.device_state, on_connect=self._flush_wake.set,
                 backoff_base=cfg.reconnect_base_s, backoff_cap=cfg.reconnect_cap_s,
             )
@@ -298,6 +331,8 @@ class Agent:
         self._stopped = True
         self._stop.set()
         self._flush_wake.set()
+        self.shadow.stop(timeout)
+        self.hosting.stop()
         sdnotify.notify("STOPPING=1")
         with self._desired_cv:
             self._desired_cv.notify_all()
@@ -309,6 +344,8 @@ class Agent:
         if self._api is not None:
             self._api.stop()
             (self.state_dir / "api.port").unlink(missing_ok=True)
+        if self._started:
+            self.crashes.clean_exit()  # stopped on purpose: the next start reports no crash
         self.outbox.close()
         if self.capture is not None and hasattr(self.capture.sink, "close"):
             self.capture.sink.close()  # the local sample store
@@ -497,13 +534,13 @@ class Agent:
 
     # -- label-free adaptation (agent.adapt, docs/data-adaptation.md) ----------------------------
 
-    def adapt(self, *, method: str = "auto", trigger: str = "command", adaptation: Any = None) -> AdaptResult:
+    def adapt(self, *, method: str | None = None, trigger: str = "command", adaptation: Any = None) -> AdaptResult:
         """Adapt the live model to the window of recent inputs (AdaBN with BatchNorm, else CORAL), try it on the
         golden inputs, then commit it as a sealed device-local delta and serve it, or keep the running model.
         Reports an ``adaptation`` event either way; ``adaptation`` (an ``edgewise.data.adapt.Adaptation``) skips computing one."""
         from .adapt import adapt_agent
 
-        return adapt_agent(self, method=method, trigger=trigger, adaptation=adaptation)
+        return adapt_agent(self, method=method or self.adapter.settings.method, trigger=trigger, adaptation=adaptation)
 
     def request_adaptation(self, trigger: str = "drift") -> bool:
         """``adapt()`` in a background thread (the drift detector calls this from the prediction path); False when one
@@ -557,29 +594,17 @@ class Agent:
             last_update=self._last_update,
             agent_version=__version__,
             hardware=self._hardware_info(),
+            hosted=self.hosting.hosted(),
             tags=list(self.config.tags),
             api_url=f"http://{self.config.api_host}:{self._api.port}" if self._api is not None else None,
             ts=time.time(),
         )
 
     def _hardware_info(self) -> HardwareInfo:
-        if self._hardware is None:
-            import platform
-            import sys
+        if self._hardware is None:  # capabilities are read once at start (issue 7: agent/capabilities.py)
+            from .capabilities import detect_for
 
-            try:
-                ram_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20)
-            except (ValueError, OSError, AttributeError):
-                ram_mb = 0
-            ort = sys.modules.get("onnxruntime")
-            self._hardware = HardwareInfo(
-                arch=platform.machine(),
-                cores=os.cpu_count() or 0,
-                ram_mb=ram_mb,
-                os=f"{platform.system()} {platform.release()}",
-                runtime=f"onnxruntime {ort.__version__}" if ort is not None else "onnxruntime",
-                providers=list(ort.get_available_providers()) if ort is not None else [],
-            )
+            self._hardware = detect_for(self.config)
         return self._hardware
 
     def _publish_state(self) -> bool:
@@ -603,8 +628,16 @@ class Agent:
         self._flush_wake.set()
         return seq
 
+    def raise_alert(self, name: str, message: str, *, severity: str = "warning", detail: dict[str, Any] | None = None) -> int | None:
+        """Raise an alert from the device (an application's own check: a sensor out of range, a full disk): an Event of
+        kind ``alert.<name>`` through the outbox at alert priority; the control plane opens one alert per name and
+        device, notifies its webhooks, and resolves it when the device sends the same name with severity ``info``."""
+        if severity not in ("info", "warning", "error", "critical"):
+            raise ValueError(f"severity must be info (clears the alert), warning, error or critical, got {severity!r}")
+        return self._emit_event(f"alert.{name}", message, severity=severity, detail=detail)
+
     def _emit_event(self, kind: str, message: str, *, severity: str = "info", detail: dict[str, Any] | None = None) -> int | None:
-        if self.bandwidth_mode == "alerts-only" and severity in QUIET_SEVERITIES and kind != "update":
+        if self.bandwidth_mode == "alerts-only" and severity in QUIET_SEVERITIES and kind != "update" and not kind.startswith("alert."):
             return None  # alerts-only: warning+ and state changes (update results) only
         return self._emit(
             Event(
@@ -644,8 +677,46 @@ class Agent:
         drift = self.drift.take_interval()  # drift_score and sketch since the previous tick ({} without reference stats)
         if drift:
             record = record.model_copy(update=drift)
+        shadow = self.shadow.take_interval()  # comparison counts since the previous tick (None: no candidate loaded)
+        if shadow is not None:
+            record = record.model_copy(update={"shadow": shadow})
         self._emit(record)
         return record
+
+    def _on_command(self, command: Any) -> None:
+        """A one-off command from the control plane (``cmd/{name}``): run it off the MQTT thread, answer with a
+        ``command.result`` event. Known: ``adapt`` (args: method) and ``drift.reset`` (detectors start afresh)."""
+        threading.Thread(target=self._run_command, args=(command,), name=f"edgewise-cmd-{command.name}", daemon=True).start()
+
+    def _run_command(self, command: Any) -> None:
+        from ..protocol.messages import COMMANDS
+
+        detail: dict[str, Any] = {"id": command.id, "name": command.name}
+        try:
+            if command.expires_at is not None and time.time() > command.expires_at:
+                detail.update(result="expired", reason=f"arrived after it expired at {command.expires_at:.0f}")
+            elif command.name == "adapt":
+                method = command.args.get("method")
+                if method not in (None, "auto", "adabn", "coral"):
+                    detail.update(result="refused", reason=f"adapt: method must be auto, adabn or coral, got {method!r}")
+                else:
+                    r = self.adapt(method=method, trigger="command")
+                    detail.update(result=r.result, reason=r.reason, adaptation=r.to_json())
+            elif command.name == "drift.reset":
+                self.drift.reset()
+                detail.update(result="ok", reason="drift detectors restarted on the live model's reference")
+            elif command.name == "fl.train":  # a federated round's task (agent.fl): train the head, queue the signed delta
+                from .fl import run_task
+
+                detail.update(run_task(self, command.args))
+            else:
+                detail.update(result="refused", reason=f"unknown command {command.name!r}; this agent knows {', '.join(COMMANDS)}")
+        except Exception as exc:  # a command must never take the agent down
+            log.exception("command %s failed", command.name)
+            detail.update(result="failed", reason=f"{type(exc).__name__}: {exc}")
+        ok = detail["result"] == "ok"
+        self._emit_event("command.result", f"command {command.name} ({command.id}): {detail['result']}: {detail.get('reason', '')}",
+                         severity="info" if ok else "warning", detail=detail)
 
     def _on_drift(self, active: bool, detail: dict[str, Any]) -> None:
         """Drift started or ended on the live model (called on the prediction path, only on changes)."""
@@ -658,7 +729,7 @@ class Agent:
                     self.capture.mark_drift()  # keep the drifted window for retraining
                 except Exception:
                     log.debug("capture.mark_drift failed", exc_info=True)
-            request = getattr(self, "request_adaptation", None)
+            request = getattr(self, "request_adaptation", None) if self.adapt_on_drift else None
             if request is not None:  # label-free adaptation (agent.adapt): at most once per cooldown, in the background
                 try:
                     request("drift")
@@ -694,6 +765,7 @@ class Agent:
             "capture": self.capture.stats() if self.capture is not None else None,
             "drift": {"score": self.drift.drift_score, "active": self.drift.active} if self.drift.observer is not None else None,
             "adaptation": self.adapter.describe(m, len(self.adapt_window)),
+            "shadow": self.shadow.describe(),
         }
 
     def _metrics_status(self) -> dict[str, Any]:
@@ -705,6 +777,7 @@ class Agent:
             "outbox_pending": self.outbox.pending(),
             "seq_issued": self.outbox.issued(),
             "outbox_dropped": self.outbox.dropped(),
+            "shadow": self.shadow.metrics(),
         }
 
     # -- MQTT callbacks (paho's thread: quick, never raise) -------------------------------------
@@ -719,6 +792,7 @@ class Agent:
                 return
             if self.capture is not None:
                 self.capture.set_group_enabled(desired.capture)
+            self.shadow.want(desired.shadow)  # quick: the shadow's own thread fetches, verifies and loads
             self._desired = desired
             self._desired_cv.notify_all()
 
@@ -816,6 +890,7 @@ class Agent:
             return False
         if desired.agent is not None and self._reconcile_agent(desired):
             return False  # a new agent release is installed: we are stopping to restart into it
+        self.hosting.apply(desired.placements)  # returns at once: each placed model starts on its own thread
         m = self._model
         if desired.model is None and desired.version is None:
             self._converged_generation = gen  # nothing asked of the model: converged as we are
@@ -920,6 +995,20 @@ def _open_at_rest(config: AgentConfig) -> tuple[Any, Any, Any, Path | None]:
     return keystore, slot_sealer, RowSealer(key, config.device_id, encrypt=config.encrypt_at_rest), moved
 
 
+def _drift_settings(config: AgentConfig) -> dict[str, Any]:
+    """The config's drift fields as :class:`~edgewise.agent.drift.DriftObserver` arguments."""
+    return {"window": config.drift_window, "alpha": config.drift_alpha, "input_test": config.drift_input_test,
+            "scalar_detector": config.drift_scalar_detector, "block": config.drift_block, "check_every": config.drift_block,
+            "ph_threshold": config.drift_ph_threshold}
+
+
+def _adapt_settings(config: AgentConfig) -> Any:
+    from .adapt import AdaptSettings
+
+    return AdaptSettings(window=config.adapt_window, min_samples=config.adapt_min_samples, method=config.adapt_method,
+                         max_golden_drop=config.adapt_max_golden_drop, drift_cooldown_s=config.adapt_drift_cooldown_s)
+
+
 def _open_capture(agent: "Agent", config: AgentConfig) -> Any:
     """The sample-capture observer with its sink: the outbox (``upload``) or a local store sealed with its own data key."""
     from .capture import CapturePolicy, SampleCapture
@@ -998,6 +1087,9 @@ def run_agent(config: AgentConfig, *, stop: threading.Event | None = None) -> in
 
     try:
         agent = Agent(config)
+        from .crash import enable_fault_log
+
+        enable_fault_log(config.state_dir)  # a native crash (SIGSEGV in a model) leaves its stack for the next start
         agent.start()
         while not done.wait(0.5) and not agent.restart_requested:
             pass

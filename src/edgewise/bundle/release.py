@@ -275,7 +275,7 @@ def _check_signature(path: Path, trusted: TrustedKeys) -> tuple[str, str, int]:
         f.seek(size - fmt.BLOCK_LEN)
         parsed = fmt.unpack_block(f.read(fmt.BLOCK_LEN))
         if parsed is None or fmt.comment_length_field(f, size) != fmt.BLOCK_LEN:
-            raise ReleaseSignatureError(f"{path.name}: no edgewise signature block at the end (unsigned or truncated); build it with `edgewise release build --key`")
+            raise ReleaseSignatureError(f"{path.name}: no edgewise signature block at the end (unsigned or truncated); build it with `edgewise agent-release build --key`")
         digest = fmt.hash_prefix(f, size - fmt.BLOCK_LEN)
         whole = hashlib.sha256()
         f.seek(0)

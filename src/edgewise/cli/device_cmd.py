@@ -8,41 +8,22 @@ first admin's token).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
 
-from ._util import fail, print_json
+from ._util import API_TOKEN_ENV, api_call, api_token, fail, print_json
 
 app = typer.Typer(help="Device identity: enrollment tokens, enrollment, revocation.", no_args_is_help=True)
 
-API_TOKEN_ENV = "EDGEWISE_API_TOKEN"
 
 
 def _api_token(given: str | None) -> str:
-    token = given or os.environ.get(API_TOKEN_ENV)
-    if not token:
-        fail(f"this needs an API token: pass --api-token or set ${API_TOKEN_ENV} "
-             "(the first admin's is in <data_dir>/admin.token on the control plane)")
-    return token.strip()
+    return api_token(given)
 
 
 def _call(method: str, server: str, path: str, token: str, body: dict[str, object] | None = None) -> dict[str, object]:
-    import httpx
-
-    url = server.rstrip("/") + path
-    try:
-        resp = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30.0)
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach the control plane at {server} ({exc}); check --server")
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
-            detail = resp.text
-        fail(f"{method} {path} refused ({resp.status_code}): {detail}")
-    return resp.json()
+    return api_call(method, server, path, token, body, timeout=30.0)
 
 
 def _duration(text: str) -> float:

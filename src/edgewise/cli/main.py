@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 app.add_typer(keys_cmd.app, name="keys")
 app.add_typer(bundle_cmd.app, name="bundle")
-app.add_typer(release_cmd.app, name="release")
+app.add_typer(release_cmd.app, name="agent-release")
 
 
 @app.command("version")
@@ -40,6 +40,9 @@ def _register() -> None:
     app.command("prune")(compress_cmd.prune)
     app.command("distill")(compress_cmd.distill)
     app.command("compress")(compress_cmd.compress)
+    from . import pipeline_cmd
+
+    app.command("release")(pipeline_cmd.release)
     from . import dann_cmd
 
     app.command("dann")(dann_cmd.dann)
@@ -56,6 +59,18 @@ def _register() -> None:
     from . import samples_cmd
 
     app.add_typer(samples_cmd.app, name="samples")
+    from . import group_cmd  # issue 7, part TARGET
+
+    app.add_typer(group_cmd.app, name="group")
+    from . import rollout_cmd  # issue 7, part ROLLOUT
+
+    app.add_typer(rollout_cmd.app, name="rollout")
+    from . import sim_cmd  # issue 7, part SIM
+
+    app.command("sim")(sim_cmd.sim)
+    from . import fl_cmd  # issue 8, part FL-SYSTEM
+
+    app.add_typer(fl_cmd.app, name="fl")
 
 
 _register()

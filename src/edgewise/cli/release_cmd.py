@@ -1,4 +1,4 @@
-"""`edgewise release build | verify | install | status | upload | deploy`: signed agent releases (.ewr)."""
+"""`edgewise agent-release build | verify | install | status | upload | deploy`: signed agent releases (.ewr)."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def upload(
 
 @app.command("deploy")
 def deploy(
-    version: str = typer.Argument(..., help="An uploaded release version (edgewise release upload)."),
+    version: str = typer.Argument(..., help="An uploaded release version (edgewise agent-release upload)."),
     device: str | None = typer.Option(None, "--device", help="One device id..."),
     tag: str | None = typer.Option(None, "--tag", help="...or every device that has this tag now."),
     server: str = typer.Option("http://127.0.0.1:8000", "--server", help="Control plane URL."),

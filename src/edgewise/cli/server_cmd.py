@@ -32,6 +32,7 @@ def server(
     embedded_broker_auth: str | None = typer.Option(
         None, "--embedded-broker-auth", help="devices (default: every device logs in with its token, fenced to its topics) or open (laptop only)."
     ),
+    alert_webhook: list[str] = typer.Option([], "--alert-webhook", help="URL every alert change is POSTed to as JSON (repeatable)."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Run the control plane: REST API, dashboard, MQTT ingest, and the embedded broker unless told otherwise."""
@@ -46,6 +47,7 @@ def server(
             embedded_broker_port=mqtt_port, public_url=public_url, trust=list(trust) or None, mqtt_client_id=mqtt_client_id,
             tls_cert=tls_cert, tls_key=tls_key, insecure_http=insecure_http or None,
             mosquitto=mosquitto or None, mosquitto_port=mosquitto_port, embedded_broker_auth=embedded_broker_auth,
+            alert_webhooks=list(alert_webhook) or None,
         )
         run_server(settings, log_level=log_level.lower())
     except (ControlStartError, ValueError) as exc:

@@ -19,6 +19,7 @@ from .api import tuf as tuf_api
 from .audit import AuditMiddleware
 from .auth import PUBLIC, enforce_declared_rule
 from .errors import ControlError
+from .metrics import router as metrics_router
 from .services import ControlServices
 from .settings import ServerSettings
 
@@ -68,6 +69,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app.include_router(api_router())
     app.include_router(tuf_api.router, prefix=API_PREFIX)  # /api/v1/tuf/metadata/{name}, /api/v1/tuf/targets/{path}
+    app.include_router(metrics_router)  # GET /metrics, Prometheus text (issue 7 MONITOR)
 
     @app.get("/", include_in_schema=False, dependencies=[PUBLIC])
     def dashboard() -> FileResponse:

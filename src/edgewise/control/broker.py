@@ -246,9 +246,7 @@ class EmbeddedBroker:
             _drain_and_close(loop)
 
     async def _start_broker(self) -> None:
-        from amqtt.broker import Broker
-
-        self._broker = Broker(self.config(), loop=asyncio.get_running_loop())
+        self._broker = _fenced_broker_class()(self.config(), loop=asyncio.get_running_loop())
         await self._broker.start()
         # amqtt has no public accessor for the bound socket; needed to support port 0.
         server = self._broker._servers["default"]  # noqa: SLF001
@@ -279,6 +277,25 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object | TracebackType | None) -> None:
         self.stop()
+
+
+def _fenced_broker_class() -> type:
+    """amqtt's Broker, with retained messages sent only for the connecting client's own subscriptions.
+
+    amqtt 0.12.1, on every connect, replays the retained messages matching *every* client's subscription
+    filters to the new client (``Broker.client_connected``: ``for topic in self._subscriptions``), without
+    topic filtering: a device would receive every other device's retained desired state. Mosquitto does not do
+    this; the override makes the embedded broker agree (tests/test_security_identity.py)."""
+    from amqtt.broker import Broker
+
+    class FencedBroker(Broker):  # type: ignore[misc]
+        async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
+            holders = self._subscriptions.get(subscription[0], ())  # noqa: SLF001 - amqtt's own table
+            if not any(s.client_id == session.client_id for s, _ in holders):
+                return  # another client's filter: none of this session's business
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return FencedBroker
 
 
 def _drain_and_close(loop: asyncio.AbstractEventLoop) -> None:

@@ -589,7 +589,7 @@ def model_versions_with_sketches(session: Session, *, since_hour: int | None = N
 
 def stored_reference(session: Session, model: str, version: str) -> Reference | None:
     mv = session.execute(select(ModelVersion).where(ModelVersion.name == model, ModelVersion.version == version)
-                         ).scalar_one_or_none()
+                         .order_by(ModelVersion.id)).scalars().first()  # variants of a version share its reference data
     return reference_from_manifest(mv.manifest) if mv is not None and mv.manifest else None
 
 
@@ -606,8 +606,11 @@ def fleet_drift(session: Session, model: str, version: str, *, hours: float = WI
 # -- alerts ---------------------------------------------------------------------------------------
 
 
+OPEN_STATUSES = ("firing", "acknowledged")  # an alert is open until resolved (see control.alerts)
+
+
 def _open_alert(session: Session, kind: str, model: str, version: str, device_id: str | None) -> AlertRow | None:
-    q = select(AlertRow).where(AlertRow.kind == kind, AlertRow.status == "open", AlertRow.model == model,
+    q = select(AlertRow).where(AlertRow.kind == kind, AlertRow.status.in_(OPEN_STATUSES), AlertRow.model == model,
                                AlertRow.version == version)
     q = q.where(AlertRow.device_id.is_(None) if device_id is None else AlertRow.device_id == device_id)
     return session.execute(q).scalars().first()
@@ -619,8 +622,9 @@ def _set_alert(session: Session, active: bool, kind: str, model: str, version: s
     row = _open_alert(session, kind, model, version, device_id)
     if active:
         if row is None:
-            row = AlertRow(kind=kind, severity=severity, status="open", model=model, version=version,
-                           device_id=device_id, message=message, detail=detail, opened_at=now, updated_at=now)
+            row = AlertRow(kind=kind, severity=severity, status="firing", model=model, version=version,
+                           device_id=device_id, message=message, detail=detail, opened_at=now, updated_at=now,
+                           subject=f"device:{device_id}" if device_id else f"model:{model}@{version}")
             session.add(row)
             log.warning("alert opened: %s", message)
             return row
@@ -742,7 +746,9 @@ class DriftWatch:
 def list_alerts(session: Session, *, status: str | None = None, kind_prefix: str | None = None,
                 limit: int = 200) -> list[AlertRow]:
     q = select(AlertRow)
-    if status:
+    if status == "open":  # issue 6's name: every alert not resolved yet
+        q = q.where(AlertRow.status.in_(OPEN_STATUSES))
+    elif status:
         q = q.where(AlertRow.status == status)
     if kind_prefix:
         q = q.where(AlertRow.kind.startswith(kind_prefix))

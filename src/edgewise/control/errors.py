@@ -48,3 +48,9 @@ class BundleRejectedError(InvalidRequestError):
 
 class UploadTooLargeError(ControlError):
     status_code = 413
+
+
+class UnavailableError(ControlError):
+    """A service the request needs (the MQTT bus) is down; the request may succeed later."""
+
+    status_code = 503

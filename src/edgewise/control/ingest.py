@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from ..protocol import Batch, DeviceState, Event, ProtocolError, Sample, Summary, Telemetry, decode_for_topic, topics
+from .alerts import raise_from_event
 from .db import Database, insert_ignore
 from .deployments import Publisher, publish_desired
 from .devices import TAG_MAX, ensure_device
@@ -121,7 +122,7 @@ class Ingest:
             with self.db.session() as session:
                 if isinstance(msg, DeviceState):
                     self._on_state(session, msg)
-                elif isinstance(msg, (Batch, Telemetry, Event, Summary, Sample)):
+                elif isinstance(msg, (Batch, Telemetry, Event, Summary, Sample)) or getattr(msg, "type", None) == "fl_update":
                     self._on_records(session, msg)
                 else:  # decode_for_topic only lets device->server types through on our subscriptions
                     self._reject(topic, "wrong_channel", ProtocolError(f"{msg.type!r} is not for the control plane"))
@@ -147,6 +148,7 @@ class Ingest:
             device.hardware = msg.hardware.model_dump(mode="json")
         if msg.api_url is not None:
             device.api_url = msg.api_url
+        device.hosted = [h.model_dump(mode="json") for h in msg.hosted] or None  # placed models (control.placements)
         device.last_state_at = now
         if msg.status != "offline":  # an offline state is the broker speaking (last will), not the device
             device.last_seen = now
@@ -187,8 +189,13 @@ class Ingest:
         offset = update_clock_offset(device, records, now)
         stored_t = stored_e = stored_s = dupes = 0
         sketched: set[tuple[str, str]] = set()
-        stored_x = 0
+        stored_x = stored_f = 0
         for rec in records:
+            if getattr(rec, "type", None) == "fl_update":  # a federated-learning update (control.fl): checked, stored once
+                from .fl import receive_update
+
+                stored_f += receive_update(session, rec, now)
+                continue
             if isinstance(rec, Sample):  # captured inputs: their own table, nothing for drift sketches
                 try:
                     values = sample_values(rec, now)
@@ -216,6 +223,8 @@ class Ingest:
                     stored_s += 1
                 else:
                     stored_e += 1
+                    if rec.kind.startswith("alert."):  # a device-raised alert (issue 7): opened with its event, once
+                        raise_from_event(session, rec, now)
             else:
                 dupes += 1
         device.last_seen = now

@@ -41,12 +41,20 @@ class Device(Base):
     desired_version: Mapped[str | None] = mapped_column(String(128), default=None)
     desired_generation: Mapped[int] = mapped_column(Integer, default=0)
     desired_artifact: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The variant of desired_model/desired_version chosen for this device (migration 0009, issue 7 TARGET).
+    desired_variant: Mapped[str | None] = mapped_column(String(64), default=None)
     desired_issued_at: Mapped[float | None] = mapped_column(Float, default=None)
     desired_rollback: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The agent release the device should run ({version, artifact, target}; migration 0006); None: leave it.
     desired_agent: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     # Sample capture for this device (migration 0008): False = off (privacy), True = allowed, None = its own config.
     desired_capture: Mapped[bool | None] = mapped_column(Boolean, default=None, nullable=True)
+    # A candidate to run in shadow mode ({model, version, artifact, target, sample_every}; migration 0010, ROLLOUT).
+    desired_shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None, nullable=True)
+    # Models hosted besides the primary one ([ModelPlacement + variant, needed_mb]; migration 0012, HOST) and what the
+    # agent last reported of them (DeviceState.hosted).
+    desired_placements: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None, nullable=True)
+    hosted: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None, nullable=True)
     last_update: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     api_url: Mapped[str | None] = mapped_column(String(512), default=None)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -61,11 +69,14 @@ class ModelVersion(Base):
     """An uploaded, verified bundle. Immutable: a name+version always means the same bytes."""
 
     __tablename__ = "model_versions"
-    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_versions_name_version"),)
+    # Several variants (fp32, int8, ...) of one name+version (migration 0009, issue 7 TARGET).
+    __table_args__ = (UniqueConstraint("name", "version", "variant", name="uq_model_versions_name_version_variant"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), index=True)
     version: Mapped[str] = mapped_column(String(128))
+    # The manifest's variant name; "default" for a bundle built without --variant-of.
+    variant: Mapped[str] = mapped_column(String(64), default="default", server_default="default")
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     key_id: Mapped[str] = mapped_column(String(32))
@@ -89,6 +100,8 @@ class Deployment(Base):
     device_count: Mapped[int] = mapped_column(Integer, default=0)
     # For a tag, the devices that had it at deployment time (later taggers are not included).
     device_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Device id -> the model variant it was given (migration 0009, issue 7 TARGET); {} for agent-only deployments.
+    variants: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, server_default="{}")
 
 
 class TelemetryRow(Base):
@@ -338,7 +351,7 @@ class AlertRow(Base):
     """A condition the control plane noticed (the minimal alert store; issue 7 builds alerting on it).
 
     ``kind`` names the condition ("drift.peer_outlier", "drift.fleet_shift"); at most one alert per
-    (kind, model, version, device_id) is ``open`` at a time: it is opened when the condition starts
+    (kind, model, version, device_id) is open (``firing`` or ``acknowledged``) at a time: it is opened when the condition starts
     and ``resolved`` when it stops, so a condition that persists raises one alert, not one per check.
     No foreign key to ``devices``: the alert history outlives a deleted device.
     """
@@ -348,7 +361,7 @@ class AlertRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(64))
     severity: Mapped[str] = mapped_column(String(16), default="warning")
-    status: Mapped[str] = mapped_column(String(16), default="open", index=True)  # "open" | "resolved"
+    status: Mapped[str] = mapped_column(String(16), default="firing", index=True)  # firing | acknowledged | resolved
     model: Mapped[str | None] = mapped_column(String(64), default=None)
     version: Mapped[str | None] = mapped_column(String(128), default=None)
     device_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
@@ -357,6 +370,14 @@ class AlertRow(Base):
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Alerting (migration 0011, issue 7 MONITOR): the rule that raised it (None: drift or the device itself), what it
+    # is about ("device:d1", "group:canary", "fleet", "model:digits@1.0.0"), who acknowledged it, and the last status
+    # the notifier sent out (differs from ``status`` while a webhook/log notification is due).
+    rule_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+    subject: Mapped[str | None] = mapped_column(String(160), default=None)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    acknowledged_by: Mapped[str | None] = mapped_column(String(160), default=None)
+    notified_status: Mapped[str | None] = mapped_column(String(16), default=None)
 
 
 # -- captured samples for retraining (agent.capture; migration 0008) --------------------------------
@@ -390,3 +411,308 @@ class SampleRow(Base):
     inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     size: Mapped[int] = mapped_column(Integer)
+
+
+# -- TARGET (issue 7): groups as saved device queries, per-device variant overrides; migration 0009 --
+
+
+class Group(Base):
+    """A saved device query (tags, ids, attribute conditions), evaluated whenever it is used.
+
+    ``query`` is ``control.groups.GroupQuery`` as JSON; ``maintenance`` a list of UTC windows
+    ``{"days": ["mon", ...], "start": "HH:MM", "end": "HH:MM"}`` (empty: any time);
+    ``rate_limit_per_min`` caps how many devices a rollout starts per minute (None: no cap).
+    """
+
+    __tablename__ = "groups"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    query: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    maintenance: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    rate_limit_per_min: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class VariantOverride(Base):
+    """An operator's choice of variant for one model on one device, overriding the automatic choice."""
+
+    __tablename__ = "variant_overrides"
+
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(160), default=None)
+
+
+# -- staged rollouts (part ROLLOUT, issue 7; migration 0010) ----------------------------------------
+
+
+class RolloutRow(Base):
+    """One staged rollout of ``model`` ``version``: its spec (waves, gates), its state, where it stands.
+
+    Everything the engine needs lives here and in the three tables below, so a control plane that
+    restarts mid-rollout picks up exactly where it stopped (see ``control.rollout_engine``).
+    """
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(128))
+    target_kind: Mapped[str] = mapped_column(String(16))  # "group" | "tag" | "devices"
+    target_value: Mapped[str] = mapped_column(String(512))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(24), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[str | None] = mapped_column(String(160), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class RolloutCohortRow(Base):
+    """Where one hardware class (cohort) of a rollout stands: its current wave and phase, last figures."""
+
+    __tablename__ = "rollout_cohorts"
+    __table_args__ = (UniqueConstraint("rollout_id", "cohort", name="uq_rollout_cohorts_rollout_cohort"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(Integer, ForeignKey("rollouts.id", ondelete="CASCADE"), index=True)
+    cohort: Mapped[str] = mapped_column(String(64))
+    wave: Mapped[int] = mapped_column(Integer, default=0)
+    # start | shadow | installing | soaking | waiting_approval | completed | halted | aborted
+    phase: Mapped[str] = mapped_column(String(24), default="start")
+    phase_started_at: Mapped[float] = mapped_column(Float, default=0.0)  # epoch seconds, server clock
+    note: Mapped[str] = mapped_column(Text, default="")
+    figures: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RolloutDeviceRow(Base):
+    """One device of a rollout: its wave and cohort, the version it ran before, and where its data starts.
+
+    ``since_*_id`` are the highest telemetry/summary/event row ids when the device was started: its
+    health "since it started the candidate" is every row above them (row ids, not clocks, so a skewed
+    device clock or a restarted control plane cannot move the window). ``baseline`` holds the previous
+    version's figures on this device (p95, confidence, error counters) measured at that moment.
+    """
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (UniqueConstraint("rollout_id", "device_id", name="uq_rollout_devices_rollout_device"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(Integer, ForeignKey("rollouts.id", ondelete="CASCADE"), index=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    wave: Mapped[int] = mapped_column(Integer)
+    cohort: Mapped[str] = mapped_column(String(64))
+    # pending | shadow | started | reverted
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    previous_model: Mapped[str | None] = mapped_column(String(64), default=None)
+    previous_version: Mapped[str | None] = mapped_column(String(128), default=None)
+    shadow_at: Mapped[float | None] = mapped_column(Float, default=None)
+    started_at: Mapped[float | None] = mapped_column(Float, default=None)
+    reverted_at: Mapped[float | None] = mapped_column(Float, default=None)
+    since_telemetry_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    since_summary_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    since_event_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    baseline: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class RolloutDecisionRow(Base):
+    """One decision the engine (or an operator) took, with the figures that led to it."""
+
+    __tablename__ = "rollout_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(Integer, ForeignKey("rollouts.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    wave: Mapped[int | None] = mapped_column(Integer, default=None)
+    cohort: Mapped[str | None] = mapped_column(String(64), default=None)
+    decision: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    figures: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    actor: Mapped[str | None] = mapped_column(String(160), default=None)
+
+
+# -- MONITOR (issue 7): per-minute series rollups, alert rules, the rollup cursor (migration 0011) ----
+
+
+class SeriesMinute(Base):
+    """One device's health figures in one minute, summed so later records merge in without re-reading.
+
+    Filled from raw telemetry and summaries by ``control.series.roll_up`` (kept ``rollup_retention``;
+    raw rows only ``raw_retention``). ``minute`` is the start of the minute in epoch seconds on the
+    device clock as corrected by the server. Averages are ``*_sum / *_n``; ``online`` is the link state
+    the monitor sampled in that minute (1 online, 0 offline, None not sampled).
+    """
+
+    __tablename__ = "series_minutes"
+    __table_args__ = (
+        UniqueConstraint("device_id", "minute", name="uq_series_minutes_device_minute"),
+        Index("ix_series_minutes_minute", "minute"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    minute: Mapped[int] = mapped_column(BigInteger)
+    records: Mapped[int] = mapped_column(Integer, default=0)
+    inferences: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    window_s: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_n: Mapped[int] = mapped_column(Integer, default=0)
+    latency_p50_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_p95_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_p95_max: Mapped[float | None] = mapped_column(Float, default=None)
+    cpu_n: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    mem_n: Mapped[int] = mapped_column(Integer, default=0)
+    mem_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    rss_max: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    temperature_n: Mapped[int] = mapped_column(Integer, default=0)
+    temperature_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    temperature_max: Mapped[float | None] = mapped_column(Float, default=None)
+    drift_n: Mapped[int] = mapped_column(Integer, default=0)
+    drift_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    drift_max: Mapped[float | None] = mapped_column(Float, default=None)
+    outbox_max: Mapped[int | None] = mapped_column(Integer, default=None)
+    dropped_max: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    shadow_compared: Mapped[int] = mapped_column(Integer, default=0)
+    shadow_agreed: Mapped[int] = mapped_column(Integer, default=0)
+    classes: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    confidence_hist: Mapped[list[int]] = mapped_column(JSON, default=list)
+    online: Mapped[int | None] = mapped_column(Integer, default=None)
+
+
+class MonitorCursor(Base):
+    """How far ``roll_up`` has read a raw table (its highest row id), so each record is rolled up once."""
+
+    __tablename__ = "monitor_cursors"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AlertRule(Base):
+    """A condition the monitor checks every tick (see ``control.alerts``).
+
+    ``kind``: ``threshold`` (``metric op threshold`` on each device in scope, held for ``for_s``),
+    ``fleet_offline`` (the offline fraction of the scope above ``threshold`` for ``for_s``) or
+    ``absence`` (a device in scope not heard from for ``for_s``). Scope: ``device_id``, else
+    ``group_name``, else ``tag``, else every device.
+    """
+
+    __tablename__ = "alert_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    metric: Mapped[str | None] = mapped_column(String(32), default=None)
+    op: Mapped[str | None] = mapped_column(String(2), default=None)
+    threshold: Mapped[float | None] = mapped_column(Float, default=None)
+    for_s: Mapped[float] = mapped_column(Float, default=0.0)
+    group_name: Mapped[str | None] = mapped_column(String(64), default=None)
+    tag: Mapped[str | None] = mapped_column(String(64), default=None)
+    device_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    severity: Mapped[str] = mapped_column(String(16), default="warning")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    webhook_url: Mapped[str | None] = mapped_column(String(1024), default=None)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# -- federated learning (issue 8, part FL-SYSTEM; migration 0013; control.fl) ------------------------------
+
+
+class FLJob(Base):
+    """A federated job: its spec (the JOB.toml, validated), where it is, the head it has learned so far.
+
+    ``weights`` is an ``.npz`` of the current head (initializer name -> array); ``weights_version`` counts the
+    aggregations applied (an update's ``base_version`` is measured against it for staleness); ``privacy`` holds the
+    (q, z) of every released round so the accountant can be rebuilt after a restart."""
+
+    __tablename__ = "fl_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    model: Mapped[str] = mapped_column(String(128))
+    base_version: Mapped[str] = mapped_column(String(64))
+    weights: Mapped[bytes] = mapped_column(LargeBinary)
+    weights_version: Mapped[int] = mapped_column(Integer, default=0)
+    noise_multiplier: Mapped[float | None] = mapped_column(Float, default=None)
+    privacy: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    epsilon: Mapped[float | None] = mapped_column(Float, default=None)
+    accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    base_accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    result_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class FLRound(Base):
+    """One round of a job: who was asked, when it closes, what came of it (state open | closed | skipped)."""
+
+    __tablename__ = "fl_rounds"
+    __table_args__ = (UniqueConstraint("job_id", "number", name="uq_fl_rounds_job_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("fl_jobs.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="open")
+    cohort: Mapped[list[str]] = mapped_column(JSON, default=list)
+    population: Mapped[int] = mapped_column(Integer, default=0)
+    base_version: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    deadline_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    used: Mapped[int] = mapped_column(Integer, default=0)
+    late: Mapped[int] = mapped_column(Integer, default=0)  # of ``used``: updates trained for an earlier round
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    clipped: Mapped[int] = mapped_column(Integer, default=0)
+    accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    epsilon: Mapped[float | None] = mapped_column(Float, default=None)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class FLUpdateRow(Base):
+    """Every update that arrived for a job, once per (job, device, round): accepted ones wait to be counted in a
+    round (``counted_in``, set once: never counted twice), rejected and stale ones keep their reason."""
+
+    __tablename__ = "fl_updates"
+    __table_args__ = (UniqueConstraint("job_id", "device_id", "round", name="uq_fl_updates_job_device_round"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    base_version: Mapped[int] = mapped_column(Integer, default=0)
+    num_samples: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float, default=None)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # accepted | used | rejected | stale
+    reason: Mapped[str] = mapped_column(Text, default="")
+    counted_in: Mapped[int | None] = mapped_column(Integer, default=None)
+    delta: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FLDeviceKey(Base):
+    """The public key a device signs its updates with, pinned at its first signed update (``source`` first-use) or
+    taken from its enrollment certificate (``certificate``)."""
+
+    __tablename__ = "fl_device_keys"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))
+    pinned_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

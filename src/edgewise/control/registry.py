@@ -1,4 +1,7 @@
-"""The model registry: verified bundles on disk, one immutable row per name+version.
+"""The model registry: verified bundles on disk, one immutable row per name+version+variant.
+
+A version may be stored as several variants (fp32, int8, ...; the manifest's ``variant.name``,
+"default" for a bundle built without one); ``control.variants`` picks one per device.
 
 Nothing enters the registry that does not verify against the server's trusted keys,
 so a device is never told to fetch a bundle the control plane could not vouch for
@@ -29,11 +32,18 @@ from .timeutil import utcnow
 log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+DEFAULT_VARIANT = "default"
 
 
-def bundle_url(name: str, version: str) -> str:
-    """Where devices fetch a version, relative to the control plane's base URL."""
-    return f"/api/v1/models/{name}/{version}/bundle"
+def bundle_url(name: str, version: str, variant: str | None = None) -> str:
+    """Where devices fetch a version (``?variant=`` for a variant other than "default"), relative to the base URL."""
+    url = f"/api/v1/models/{name}/{version}/bundle"
+    return url if variant in (None, DEFAULT_VARIANT) else f"{url}?variant={variant}"
+
+
+def variant_name(manifest: dict[str, Any] | None) -> str:
+    """The variant a manifest declares ("default" when it declares none)."""
+    return str(((manifest or {}).get("variant") or {}).get("name") or DEFAULT_VARIANT)
 
 
 @dataclass(frozen=True)
@@ -98,14 +108,17 @@ class Registry:
                 msg = str(exc).replace(upload.name, "uploaded bundle")
                 raise BundleRejectedError(f"bundle rejected ({type(exc).__name__}): {msg}") from None
             name, version = verified.manifest.name, verified.manifest.version
-            existing = self.find(session, name, version)
+            variant = verified.manifest.variant.name if verified.manifest.variant is not None else DEFAULT_VARIANT
+            existing = self.find(session, name, version, variant)
             if existing is not None:
                 return StoreResult(self._same_or_conflict(existing, verified.sha256), created=False)
 
-            target = self._target_path(session, name, version, verified.sha256)
+            target = self._target_path(session, name, version if variant == DEFAULT_VARIANT else f"{version}-{variant}",
+                                       verified.sha256)
             row = ModelVersion(
                 name=name,
                 version=version,
+                variant=variant,
                 sha256=verified.sha256,
                 size=verified.size,
                 key_id=verified.key_id,
@@ -118,7 +131,7 @@ class Registry:
                 session.flush()  # the unique constraint decides a race between two uploads
             except IntegrityError:
                 session.rollback()
-                existing = self.find(session, name, version)
+                existing = self.find(session, name, version, variant)
                 if existing is None:
                     raise
                 return StoreResult(self._same_or_conflict(existing, verified.sha256), created=False)
@@ -130,7 +143,7 @@ class Registry:
                 target.unlink(missing_ok=True)
                 raise
             fsync_dir(self.bundles_dir)
-            log.info("stored bundle %s %s (%d bytes, key %s)", name, version, row.size, row.key_id)
+            log.info("stored bundle %s %s variant %s (%d bytes, key %s)", name, version, variant, row.size, row.key_id)
             self._publish_target(row)
             return StoreResult(row, created=True)
         finally:
@@ -149,10 +162,11 @@ class Registry:
     def _same_or_conflict(existing: ModelVersion, sha256: str) -> ModelVersion:
         if existing.sha256 == sha256:
             return existing
+        what = "" if existing.variant == DEFAULT_VARIANT else f" variant {existing.variant}"
         raise VersionConflictError(
-            f"{existing.name} {existing.version} is already stored with different content "
+            f"{existing.name} {existing.version}{what} is already stored with different content "
             f"(sha256 {existing.sha256[:16]}…, uploaded {sha256[:16]}…); versions are immutable: "
-            "bump the version and upload again"
+            "bump the version (or give the bundle another variant name) and upload again"
         )
 
     def _target_path(self, session: Session, name: str, version: str, sha256: str) -> Path:
@@ -166,16 +180,27 @@ class Registry:
     # -- finding ---------------------------------------------------------------------------------
 
     @staticmethod
-    def find(session: Session, name: str, version: str) -> ModelVersion | None:
-        return session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
+    def find(session: Session, name: str, version: str, variant: str | None = None) -> ModelVersion | None:
+        """One stored variant; ``variant=None`` means the "default" variant, else the first uploaded one
+        (callers that do not know about variants keep getting one row; ``control.variants`` chooses per device)."""
+        q = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+        if variant is not None:
+            return session.scalar(q.where(ModelVersion.variant == variant))
+        rows = session.scalars(q.order_by(ModelVersion.id)).all()
+        return next((r for r in rows if r.variant == DEFAULT_VARIANT), rows[0] if rows else None)
 
     @staticmethod
-    def get(session: Session, name: str, version: str) -> ModelVersion:
-        row = Registry.find(session, name, version)
+    def get(session: Session, name: str, version: str, variant: str | None = None) -> ModelVersion:
+        row = Registry.find(session, name, version, variant)
         if row is None:
+            if variant is not None and Registry.find(session, name, version) is not None:
+                known_variants = [r.variant for r in Registry.variants(session, name, version)]
+                raise ModelNotFoundError(
+                    f"model {name} {version} has no variant {variant!r}; its variants: {', '.join(known_variants)}"
+                )
             known = Registry.versions(session, name)
             hint = (
-                f"known versions: {', '.join(v.version for v in known)}"
+                f"known versions: {', '.join(dict.fromkeys(v.version for v in known))}"
                 if known
                 else "upload it first: POST /api/v1/models"
             )
@@ -183,8 +208,14 @@ class Registry:
         return row
 
     @staticmethod
+    def variants(session: Session, name: str, version: str) -> list[ModelVersion]:
+        """Every stored variant of one version, oldest upload first (empty when the version is unknown)."""
+        return list(session.scalars(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+                                    .order_by(ModelVersion.id)).all())
+
+    @staticmethod
     def versions(session: Session, name: str) -> list[ModelVersion]:
-        """All versions of one model, oldest first by semantic-version precedence."""
+        """All versions of one model (one row per variant), oldest first by semantic-version precedence."""
         rows = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).all()
         return _semver_sorted(rows)
 
@@ -193,9 +224,9 @@ class Registry:
         rows = session.scalars(select(ModelVersion).order_by(ModelVersion.name)).all()
         return sorted(_semver_sorted(rows), key=lambda r: r.name)
 
-    def path(self, session: Session, name: str, version: str) -> Path:
-        """The stored file of a version, for download."""
-        row = self.get(session, name, version)
+    def path(self, session: Session, name: str, version: str, variant: str | None = None) -> Path:
+        """The stored file of a version (variant), for download."""
+        row = self.get(session, name, version, variant)
         p = self.bundles_dir / row.path
         if not p.is_file():
             raise ModelNotFoundError(
@@ -206,6 +237,6 @@ class Registry:
 
 
 def _semver_sorted(rows: Iterable[ModelVersion]) -> list[ModelVersion]:
-    return sorted(rows, key=lambda r: semver_key(r.version))
+    return sorted(rows, key=lambda r: (semver_key(r.version), r.id or 0))
 
 

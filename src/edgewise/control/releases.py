@@ -71,7 +71,7 @@ def store_release(session: Session, registry: Registry, upload: Path) -> Release
         except (ReleaseError, BundleError) as exc:
             msg = str(exc).replace(upload.name, "uploaded release")
             raise BundleRejectedError(
-                f"agent release rejected ({type(exc).__name__}): {msg}; build it with `edgewise release build --key` "
+                f"agent release rejected ({type(exc).__name__}): {msg}; build it with `edgewise agent-release build --key` "
                 "using a key this server trusts (--trust)"
             ) from None
         version = verified.version

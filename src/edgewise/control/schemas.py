@@ -66,6 +66,7 @@ class DesiredOut(BaseModel):
     artifact: ArtifactOut | None
     rollback: bool = Field(default=False, description="The device may install this version below the highest it committed.")
     issued_at: float
+    variant: str | None = Field(default=None, description="Variant of the version chosen for this device (issue 7).")
 
 
 class DeviceOut(BaseModel):
@@ -102,6 +103,7 @@ class DeviceOut(BaseModel):
                 artifact=ArtifactOut(**ds.artifact.model_dump()) if ds.artifact else None,
                 rollback=ds.rollback,
                 issued_at=ds.issued_at,
+                variant=d.desired_variant,
             )
             if ds
             else None
@@ -169,6 +171,7 @@ class SummaryOut(_Out):
 class ModelVersionOut(BaseModel):
     name: str
     version: str
+    variant: str = Field(default="default", description="Variant of this version (fp32, int8, ...; issue 7).")
     sha256: str
     size: int
     key_id: str = Field(description="Id of the key that signed the bundle.")
@@ -179,10 +182,11 @@ class ModelVersionOut(BaseModel):
 
     @classmethod
     def of(cls, mv: ModelVersion, public_url: str) -> "ModelVersionOut":
-        url = bundle_url(mv.name, mv.version)
+        url = bundle_url(mv.name, mv.version, mv.variant)
         return cls(
             name=mv.name,
             version=mv.version,
+            variant=mv.variant,
             sha256=mv.sha256,
             size=mv.size,
             key_id=mv.key_id,
@@ -218,6 +222,7 @@ class DeploymentCreate(BaseModel):
     )
     device_id: str | None = Field(default=None, description="Target one device...")
     tag: str | None = Field(default=None, description="...or every device that has this tag now.")
+    device_ids: list[str] | None = Field(default=None, description="...or exactly these devices (issue 7).")
     rollback: bool = Field(
         default=False,
         description="Deliberate downgrade: devices install this version even if it is lower than the highest they committed.",
@@ -225,8 +230,8 @@ class DeploymentCreate(BaseModel):
 
     @model_validator(mode="after")
     def _one_target(self) -> "DeploymentCreate":
-        if (self.device_id is None) == (self.tag is None):
-            raise ValueError("give exactly one target: device_id or tag")
+        if sum(t is not None for t in (self.device_id, self.tag, self.device_ids)) != 1:
+            raise ValueError("give exactly one target: device_id, tag or device_ids")
         if (self.model is None) != (self.version is None) or (self.model is None and self.agent_version is None):
             raise ValueError("give a model and its version, an agent_version, or both")
         return self
@@ -237,11 +242,12 @@ class DeploymentOut(BaseModel):
     model: str | None
     version: str | None
     agent_version: str | None = None
-    target_kind: Literal["device", "tag"]
+    target_kind: Literal["device", "tag", "devices"]
     target_value: str
     created_at: datetime
     device_count: int
     device_ids: list[str]
+    variants: dict[str, str] = Field(default_factory=dict, description="Device id -> the model variant it was given.")
     generations: dict[str, int] | None = Field(
         default=None, description="New desired generation per device (in the response to POST only)."
     )

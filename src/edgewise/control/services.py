@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..security import KeyFileError, TrustedKeys
 from .broker import BrokerAccess, EmbeddedBroker
@@ -21,6 +22,11 @@ from .ingest import Ingest
 from .registry import Registry
 from .settings import ServerSettings
 from .tuf_service import TufService
+
+if TYPE_CHECKING:
+    from .alerts import MonitorEngine
+    from .rollout_engine import RolloutEngine
+    from .fl import FLEngine
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,9 @@ class ControlServices:
     tuf: TufService | None = None
     provisioning: "Provisioning | None" = None
     mosquitto: "ManagedMosquitto | None" = None
+    rollouts: "RolloutEngine | None" = None  # staged rollouts (part ROLLOUT): started last, stopped first
+    monitor: "MonitorEngine | None" = None  # series rollups, retention, alert rules, webhooks (part MONITOR)
+    fl: "FLEngine | None" = None  # federated-learning rounds (issue 8, part FL-SYSTEM; control.fl)
 
     @classmethod
     def open(cls, settings: ServerSettings) -> "ControlServices":
@@ -114,10 +123,32 @@ class ControlServices:
             raise
         if not bus.wait_connected(BUS_CONNECT_WAIT_S):
             log.warning("MQTT broker %s not reachable yet; the API runs and the bus keeps retrying", bus.display_url)
+        from .rollout_engine import RolloutEngine
+
+        services.rollouts = RolloutEngine(db, bus, tick_s=settings.rollout_tick_s)
+        services.rollouts.start()
+        from .alerts import MonitorEngine
+
+        services.monitor = MonitorEngine(
+            db, tick_s=settings.monitor_tick_s, raw_retention=settings.raw_retention,
+            rollup_retention=settings.rollup_retention, webhooks=settings.alert_webhooks,
+            ingest_messages=lambda: ingest.stats().messages,
+        )
+        services.monitor.start()
+        from .fl import FLEngine
+
+        services.fl = FLEngine(db, bus, registry, signing_key=settings.fl_signing_key, tick_s=settings.fl_tick_s)
+        services.fl.start()
         return services
 
     def close(self) -> None:
         """Stop in reverse order: no new messages, then no broker, then no database."""
+        if self.fl is not None:
+            self.fl.stop()
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self.rollouts is not None:
+            self.rollouts.stop()
         if self.tuf is not None:
             self.tuf.stop()
         self.bus.stop()

@@ -8,6 +8,7 @@ and explicit keyword arguments (what the CLI passes) win over them.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -37,6 +38,13 @@ _ENV_FIELDS = {
     "MOSQUITTO_PORT": "mosquitto_port",
     "DEVICE_BROKER_URL": "device_broker_url",
     "EMBEDDED_BROKER_AUTH": "embedded_broker_auth",
+    "ROLLOUT_TICK_S": "rollout_tick_s",
+    "FL_SIGNING_KEY": "fl_signing_key",
+    "FL_TICK_S": "fl_tick_s",
+    "RAW_RETENTION": "raw_retention",
+    "ROLLUP_RETENTION": "rollup_retention",
+    "METRICS_TOKEN": "metrics_token",
+    "ALERT_WEBHOOKS": "alert_webhooks",  # space- or comma-separated URLs
 }
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -78,6 +86,8 @@ class ServerSettings(BaseModel):
         default=None, description="Keystore URL of the TUF online keys (targets/snapshot/timestamp); default file:<data_dir>/tuf/keys.",
     )
     tuf_refresh_interval_s: float = Field(default=600.0, gt=0, description="How often the refresher checks TUF expiry.")
+    rollout_tick_s: float = Field(default=2.0, gt=0, description="How often the rollout engine evaluates gates and "
+                                  "starts devices (docs/fleet-rollouts.md).")
     tuf_expiry_days: dict[str, float] = Field(
         default_factory=dict, description="Override TUF expiry per role in days, e.g. {\"timestamp\": 1, \"root\": 365}.",
     )
@@ -107,6 +117,50 @@ class ServerSettings(BaseModel):
         default="devices", description="Embedded broker: 'devices' = every device logs in with its id and device token "
         "and is fenced to its own topics; 'open' = clients without credentials are let in unfenced (laptop only).",
     )
+
+    # -- monitoring and alerting (issue 7 MONITOR; see docs/fleet-monitoring.md) --
+    raw_retention: timedelta = Field(
+        default=timedelta(days=1), description="Keep raw telemetry and summaries this long (seconds or ISO 8601, e.g. P1D).",
+    )
+    rollup_retention: timedelta = Field(
+        default=timedelta(days=30), description="Keep the per-minute series rollups this long (seconds or ISO 8601, e.g. P30D).",
+    )
+    monitor_tick_s: float = Field(default=5.0, gt=0, description="How often the monitor rolls up series and checks alert rules.")
+    fl_signing_key: Path | None = Field(
+        default=None, description="Key that signs the model versions federated jobs produce (docs/learn.md); its .pub must be "
+        "in --trust. Without it a finished job keeps its head but registers no version.",
+    )
+    fl_tick_s: float = Field(default=1.0, gt=0, description="How often the federated-learning engine opens and closes rounds.")
+    alert_webhooks: list[str] = Field(
+        default_factory=list, description="URLs every alert change is POSTed to as JSON (besides a rule's own webhook).",
+    )
+    metrics_token: str | None = Field(
+        default=None, description="A bearer token Prometheus may scrape GET /metrics with (besides any viewer token).",
+    )
+
+    @field_validator("raw_retention", "rollup_retention", mode="before")
+    @classmethod
+    def _retention(cls, v: Any) -> Any:
+        """Plain seconds (also from an environment variable) or an ISO 8601 duration; must be positive."""
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                return v
+        if isinstance(v, (int, float)) and v <= 0:
+            raise ValueError(f"retention {v!r}: give a positive duration, e.g. 86400 (seconds) or P1D")
+        return v
+
+    @field_validator("alert_webhooks", mode="before")
+    @classmethod
+    def _webhooks(cls, v: Any) -> Any:
+        """A list, or one string of space- or comma-separated URLs (from EDGEWISE_ALERT_WEBHOOKS); each http(s)."""
+        if isinstance(v, str):
+            v = [u for u in v.replace(",", " ").split() if u]
+        for u in v if isinstance(v, list) else []:
+            if not isinstance(u, str) or not u.startswith(("http://", "https://")):
+                raise ValueError(f"alert webhook {u!r}: give an http:// or https:// URL")
+        return v
 
     @field_validator("broker_url")
     @classmethod

@@ -200,16 +200,17 @@ def find_class_output(outputs: Mapping[str, Any]) -> str | None:
 def confidence_entropy(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-1 class, top-1 confidence and entropy normalised to 0..1 per row."""
     top = probs.argmax(axis=1)
-    conf = probs.max(axis=1)
+    conf = probs[np.arange(len(probs)), top]
     k = probs.shape[1]
-    ent = -np.sum(probs * np.log(np.clip(probs, 1e-12, None)), axis=1) / (np.log(k) if k > 1 else 1.0)
+    ent = np.einsum("ij,ij->i", probs, np.log(np.maximum(probs, 1e-12))) * (-1.0 / (np.log(k) if k > 1 else 1.0))
     return top, conf, np.clip(ent, 0.0, 1.0)
 
 
 def input_scalars(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per sample ``z_mean`` and ``z_energy`` of ``(n, features)`` vectors."""
     z = (features - mean) / std
-    return z.mean(axis=1), np.square(z).mean(axis=1)
+    inv = 1.0 / z.shape[1]
+    return z.sum(axis=1) * inv, np.einsum("ij,ij->i", z, z) * inv
 
 
 def _histogram(values: np.ndarray, cuts: np.ndarray) -> Histogram:

@@ -69,6 +69,7 @@ class ShadowStats(BaseModel):
     compared: int = Field(default=0, ge=0, description="Inputs both models answered.")
     agreed: int = Field(default=0, ge=0, description="Of those, how many had the same top-1 class (or outputs within tolerance).")
     errors: int = Field(default=0, ge=0, description="Inputs on which the candidate raised.")
+    skipped: int = Field(default=0, ge=0, description="Sampled inputs not compared because the candidate's queue was full (serving never waits).")
     latency_p95_ms: float | None = Field(default=None, description="Candidate's p95 latency in the window.")
     committed_latency_p95_ms: float | None = Field(default=None, description="Committed model's p95 latency on the same inputs.")
 
@@ -383,7 +384,97 @@ class Sample(_Message):
     inputs: list[SampleArray] = Field(min_length=1)
 
 
-Record = Annotated[Union[Telemetry, Event, Summary, Sample], Field(discriminator="type")]
+
+
+class Command(_Message):
+    """A one-off instruction on ``devices/{id}/cmd/{name}`` (QoS 1, not retained): things an operator asks a device to
+    do now rather than a state to converge to. The agent answers with an Event of kind ``command.result`` carrying
+    ``id``; a command past ``expires_at`` (device wall clock) is dropped with a result saying so."""
+
+    type: Literal["command"] = "command"
+    device_id: str
+    id: str = Field(min_length=1, max_length=64, description="Chosen by the sender; echoed in the command.result event.")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_.-]*$", description="adapt | drift.reset | fl.train")
+    args: dict[str, Any] = Field(default_factory=dict)
+    issued_at: float = 0.0
+    expires_at: float | None = None
+
+
+COMMANDS = ("adapt", "drift.reset", "fl.train")
+
+
+# -- federated learning (issue 8, part FL-SYSTEM; docs/learn.md) -------------------------------------------
+
+FL_SIGNING_CONTEXT = b"edgewise-fl-update/1\x00"
+
+
+class FLRecipe(BaseModel):
+    """Local training a device runs for one round (mirrors ``edgewise.learn.local.Recipe``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    epochs: int = Field(default=1, ge=1, le=100)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    lr: float = Field(default=0.1, gt=0, le=10)
+    mu: float = Field(default=0.0, ge=0, description="FedProx proximal term; 0 is FedAvg.")
+    layers: Literal["head", "all"] = "head"
+
+
+class FLTask(BaseModel):
+    """The ``args`` of a ``fl.train`` :class:`Command`: train the live model's head, starting from ``tensors`` (the
+    server's current head: the last linear layer's weight and bias initializers, by name), on the device's locally
+    captured samples; answer with an :class:`FLUpdate` through the outbox (a device offline now delivers later)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str = Field(min_length=1, max_length=64)
+    round: int = Field(ge=1)
+    model: str
+    version: str = Field(description="The base model version the device must be running.")
+    base_version: int = Field(ge=0, description="The server's weight counter the tensors are (for staleness).")
+    tensors: list[SampleArray] = Field(min_length=1)
+    recipe: FLRecipe = Field(default_factory=FLRecipe)
+    deadline: float = Field(description="Server wall clock after which the round closes (a later update may still count in a later round).")
+    min_confidence: float = Field(default=0.9, ge=0, le=1, description="Pseudo-labels: only samples the model was at least this sure of.")
+    min_samples: int = Field(default=8, ge=1)
+    max_samples: int = Field(default=2000, ge=1)
+    seed: int | None = None
+
+
+class FLUpdate(_Message):
+    """A device's answer to an ``fl.train`` task, on ``telemetry/fl`` through the outbox: the delta of the head it
+    trained (``tensors``, same names and shapes as the task's) and how, signed by the device (ECDSA P-256 over
+    :meth:`signed_bytes`). ``certificate``: the enrollment certificate (PEM) when the device has one, whose key signs;
+    else ``public_key`` (PEM) of the device's FL key, pinned by the control plane at first contact."""
+
+    type: Literal["fl_update"] = "fl_update"
+    device_id: str
+    seq: int = Field(ge=0)
+    ts: float
+    mono: float = 0.0
+    job_id: str = Field(min_length=1, max_length=64)
+    round: int = Field(ge=1)
+    base_version: int = Field(ge=0)
+    model: str
+    version: str
+    num_samples: int = Field(ge=0)
+    loss: float | None = None
+    labels: Literal["pseudo", "given", "mixed"] = "pseudo"
+    tensors: list[SampleArray] = Field(min_length=1)
+    certificate: str | None = Field(default=None, max_length=8192)
+    public_key: str | None = Field(default=None, max_length=4096)
+    signature: str = Field(description="base64 of the DER ECDSA-SHA256 signature over signed_bytes().")
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: every field that says what the update is (not seq/ts: the outbox sets them)."""
+        import msgpack
+
+        body = [self.device_id, self.job_id, self.round, self.base_version, self.model, self.version, self.num_samples,
+                self.loss, self.labels, [[t.name, t.dtype, list(t.shape), t.data] for t in self.tensors]]
+        return FL_SIGNING_CONTEXT + msgpack.packb(body, use_bin_type=True)
+
+
+Record = Annotated[Union[Telemetry, Event, Summary, Sample, FLUpdate], Field(discriminator="type")]
 
 
 class Batch(_Message):
@@ -394,13 +485,13 @@ class Batch(_Message):
     items: list[Record]
 
 
-Message = Annotated[Union[DesiredState, DeviceState, Telemetry, Event, Summary, Sample, Batch], Field(discriminator="type")]
+Message = Annotated[Union[DesiredState, DeviceState, Telemetry, Event, Summary, Sample, Batch, Command, FLUpdate], Field(discriminator="type")]
 
 # Which message types may appear on which channel of a device topic.
 CHANNEL_TYPES: dict[str, tuple[type[BaseModel], ...]] = {
     "desired": (DesiredState,),
     "state": (DeviceState,),
-    "telemetry": (Batch, Telemetry, Summary, Sample),
+    "telemetry": (Batch, Telemetry, Summary, Sample, FLUpdate),
     "events": (Batch, Event),
-    "cmd": (),
+    "cmd": (Command,),
 }

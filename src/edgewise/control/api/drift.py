@@ -1,12 +1,11 @@
-"""Fleet drift and alerts: thin routes over :mod:`edgewise.control.drift` (all reads; viewers may call them)."""
+"""Fleet drift: thin routes over :mod:`edgewise.control.drift` (all reads; viewers may call them).
+
+Drift alerts are listed with every other alert at ``GET /api/v1/alerts`` (``api/alerts.py``)."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
-
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from .. import drift
@@ -66,23 +65,6 @@ class OutlierOut(BaseModel):
     n: int
 
 
-class AlertOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    kind: str
-    severity: str
-    status: str
-    model: str | None
-    version: str | None
-    device_id: str | None
-    message: str
-    detail: dict[str, Any]
-    opened_at: datetime
-    updated_at: datetime
-    resolved_at: datetime | None
-
-
 def _reports(session: Session, hours: float) -> list[drift.FleetDrift]:
     now = utcnow()
     since = drift.hour_of(now.timestamp() - hours * drift.HOUR) if hours > 0 else None
@@ -129,14 +111,3 @@ def device_drift(device_id: str, hours: float = HOURS, session: Session = Depend
     for r in _reports(session, hours):
         out += [DeviceDriftOut.model_validate(d) for d in r.as_dict()["devices"] if d["device_id"] == device_id]
     return out
-
-
-@router.get("/alerts", response_model=list[AlertOut], dependencies=[VIEWER])
-def alerts(
-    status: str | None = Query(default=None, pattern="^(open|resolved)$"),
-    kind: str | None = Query(default=None, max_length=64, description="Kind prefix, e.g. 'drift.'"),
-    limit: int = Query(default=200, ge=1, le=10_000),
-    session: Session = Depends(get_session),
-) -> list[AlertOut]:
-    """Alerts, newest first (drift alerts now; issue 7 builds alerting on this store)."""
-    return [AlertOut.model_validate(a) for a in drift.list_alerts(session, status=status, kind_prefix=kind, limit=limit)]

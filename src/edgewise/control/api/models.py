@@ -8,8 +8,9 @@ Upload either way:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
@@ -19,6 +20,7 @@ from ..auth import OPERATOR, VIEWER, VIEWER_OR_ANY_DEVICE
 from ..errors import ModelNotFoundError
 from ..registry import Registry
 from ..schemas import ModelSummary, ModelVersionDetail, ModelVersionOut
+from ..variants import VariantInfo
 from ..services import ControlServices
 from .deps import get_public_url, get_registry, get_services, get_session
 from .uploads import receive_upload, upload_body
@@ -52,7 +54,8 @@ async def upload_model(
     """
     upload = await receive_upload(request, services.registry, what="bundle", suffix=".ewb")
     detail, created = await run_in_threadpool(_store, services, upload)
-    audit.note(request, target=f"model:{detail.name}/{detail.version}", sha256=detail.sha256, created=created)
+    audit.note(request, target=f"model:{detail.name}/{detail.version}", sha256=detail.sha256, created=created,
+               variant=detail.variant)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return detail
 
@@ -68,7 +71,9 @@ def list_models(session: Session = Depends(get_session)) -> list[ModelSummary]:
     """Every model name with its versions."""
     by_name: dict[str, list[str]] = {}
     for mv in Registry.all_versions(session):
-        by_name.setdefault(mv.name, []).append(mv.version)
+        versions = by_name.setdefault(mv.name, [])
+        if not versions or versions[-1] != mv.version:  # one entry per version, however many variants it has
+            versions.append(mv.version)
     return [ModelSummary(name=n, versions=v, latest=v[-1]) for n, v in sorted(by_name.items())]
 
 
@@ -79,7 +84,7 @@ def list_models(session: Session = Depends(get_session)) -> list[ModelSummary]:
 def list_versions(
     name: str, session: Session = Depends(get_session), public_url: str = Depends(get_public_url)
 ) -> list[ModelVersionOut]:
-    """The versions of one model, oldest to newest."""
+    """The versions of one model, oldest to newest (one entry per variant)."""
     versions = Registry.versions(session, name)
     if not versions:
         raise ModelNotFoundError(f"no model named {name!r}; upload one: POST /api/v1/models")
@@ -91,10 +96,35 @@ def list_versions(
     dependencies=[VIEWER],
 )
 def show_version(
-    name: str, version: str, session: Session = Depends(get_session), public_url: str = Depends(get_public_url)
+    name: str, version: str, variant: str | None = Query(default=None, description="Default: the \"default\" variant, else the first uploaded."),
+    session: Session = Depends(get_session), public_url: str = Depends(get_public_url),
 ) -> ModelVersionDetail:
-    """One version with its full manifest."""
-    return ModelVersionDetail.of(Registry.get(session, name, version), public_url)
+    """One version (variant) with its full manifest."""
+    return ModelVersionDetail.of(Registry.get(session, name, version, variant), public_url)
+
+
+@router.get(
+    "/{name}/{version}/variants", responses={404: {"description": "Unknown version."}}, dependencies=[VIEWER],
+)
+def list_variants(
+    name: str, version: str, session: Session = Depends(get_session), public_url: str = Depends(get_public_url)
+) -> list[dict[str, Any]]:
+    """Every variant of one version with what the control plane's choice uses: profile, RAM and runtime needs,
+    measured latency and size (see docs/fleet-targeting.md)."""
+    rows = Registry.variants(session, name, version)
+    if not rows:
+        Registry.get(session, name, version)  # 404 naming the known versions
+    out = []
+    for mv in rows:
+        info = VariantInfo.of(mv)
+        variant = (mv.manifest or {}).get("variant") or {}
+        out.append({
+            **ModelVersionOut.of(mv, public_url).model_dump(mode="json"),
+            "profile": info.profile, "recipe": info.recipe, "min_ram_mb": info.min_ram_mb, "providers": info.providers,
+            "requires_isa": info.requires_isa, "latency_ms": info.latency_ms, "figures": variant.get("figures") or {},
+            "measured_on": variant.get("measured_on"),
+        })
+    return out
 
 
 @router.get(
@@ -109,18 +139,19 @@ def show_version(
     dependencies=[VIEWER_OR_ANY_DEVICE],
 )
 def download_bundle(
-    name: str, version: str, session: Session = Depends(get_session), registry: Registry = Depends(get_registry)
+    name: str, version: str, variant: str | None = Query(default=None, description="Default: the \"default\" variant, else the first uploaded."),
+    session: Session = Depends(get_session), registry: Registry = Depends(get_registry),
 ) -> FileResponse:
     """The bundle's bytes, with HTTP Range support so devices resume interrupted downloads.
 
     The ETag is the file's sha256, so ``If-Range`` only resumes against the same bytes.
     """
-    mv = Registry.get(session, name, version)
-    path = registry.path(session, name, version)
+    mv = Registry.get(session, name, version, variant)
+    path = registry.path(session, name, version, variant)
     return FileResponse(
         path,
         media_type="application/octet-stream",
-        filename=f"{mv.name}-{mv.version}.ewb",
+        filename=f"{mv.name}-{mv.version}.ewb" if mv.variant == "default" else f"{mv.name}-{mv.version}-{mv.variant}.ewb",
         headers={
             "ETag": f'"{mv.sha256}"',
             "X-Content-SHA256": mv.sha256,

@@ -52,7 +52,7 @@ class AgentReleaseOut(BaseModel):
         )
 
 
-_UPLOAD_BODY = upload_body("A signed .ewr agent release (`edgewise release build`)")
+_UPLOAD_BODY = upload_body("A signed .ewr agent release (`edgewise agent-release build`)")
 
 
 @router.post(

@@ -44,18 +44,34 @@ class BinnedWindow:
         self.reference_size = np.array([sum(h.counts) for h in hists], dtype=np.float64)
         self.pseudo = pseudo
         self.counts = np.zeros(self.ref.shape, dtype=np.int64)
-        self._ring = np.zeros((self.window, self.features), dtype=np.int16)
+        # The ring holds each sample's flat index into `counts` (bin + feature offset): leaving samples are
+        # un-counted with one bincount, no per-call offset arithmetic.
+        self._ring = np.zeros((self.window, self.features), dtype=np.int32)
         self._rows = np.arange(self.features)
         self.n = 0
         self._pos = 0
         self.last = np.zeros(self.features, dtype=np.int64)  # bin indices of the latest sample (for sketches)
+        self.added = np.zeros(self.counts.size, dtype=np.int64)  # flat counts the latest push_many added (for sketches)
         self._base = (self._rows * self.counts.shape[1])[None, :]  # flat offset of each feature's row in `counts`
-        self._maxbin = (self.bins - 1)[None, :]
-        self._cut_cols = np.ascontiguousarray(self.cuts.T)  # (max_cuts, features)
+        self._maxbin = (self.bins - 1)[None, :].astype(np.uint8)
+        # (cuts, 1, features): one broadcast comparison of a whole block against every cut, summed over the
+        # cuts axis (contiguous adds) — 2-3x faster than a comparison per cut for the agent's blocks.
+        self._cuts3 = np.ascontiguousarray(self.cuts.T)[:, None, :]
+        if self.cuts.shape[1] > 254:
+            raise ValueError(f"at most 255 bins per feature, got {self.cuts.shape[1] + 1}")
 
     def push(self, x: Any) -> None:
         """Add one sample (one value per feature)."""
         self.push_many(np.asarray(x, dtype=np.float64).reshape(1, -1))
+
+    def bin_indices(self, xs: np.ndarray) -> np.ndarray:
+        """``(k, features)`` bin indices (uint8) of ``(k, features)`` values on the reference cuts.
+
+        Bin ``j`` of a feature holds ``cuts[j-1] <= x < cuts[j]`` (``np.searchsorted(cuts, x, side="right")``);
+        a NaN falls in bin 0 and +inf in the last bin (comparisons with NaN are false)."""
+        idx = (xs[None] >= self._cuts3).sum(axis=0, dtype=np.uint8)
+        np.minimum(idx, self._maxbin, out=idx)  # +inf passes the +inf padding: keep it in the feature's last bin
+        return idx
 
     def push_many(self, xs: np.ndarray) -> np.ndarray:
         """Add ``k`` samples at once (``(k, features)``, oldest first); returns their ``(k, features)`` bin indices.
@@ -66,28 +82,31 @@ class BinnedWindow:
             raise ValueError(f"expected {self.features} feature values per sample, got shape {list(xs.shape)}")
         k = xs.shape[0]
         if k == 0:
+            self.added[:] = 0
             return np.zeros((0, self.features), dtype=np.int64)
         if k > self.window:  # only the last `window` samples can stay
             xs = xs[-self.window :]
             k = self.window
-        cut_cols = self._cut_cols
-        idx = (xs >= cut_cols[0]).astype(np.int64)
-        for col in cut_cols[1:]:  # one (k, features) comparison per cut: faster than a 3-D broadcast
-            idx += xs >= col
-        np.minimum(idx, self._maxbin, out=idx)  # +inf passes the +inf padding: keep it in the feature's last bin
+        idx = self.bin_indices(xs)
+        flat_idx = idx + self._base  # (k, features) int64 flat indices into `counts`
         flat = self.counts.reshape(-1)
         size = flat.shape[0]
-        pos = (self._pos + np.arange(k)) % self.window
-        # positions [0, n) hold samples (the ring fills from 0 before it wraps): those leave the window now
-        leaving = pos if self.n >= self.window else pos[pos < self.n]
-        if len(leaving):
-            old = self._ring[leaving].astype(np.int64) + self._base
-            flat -= np.bincount(old.reshape(-1), minlength=size)
-        self._ring[pos] = idx
-        flat += np.bincount((idx + self._base).reshape(-1), minlength=size)
-        self.n = min(self.window, self.n + k)
-        self._pos = int((self._pos + k) % self.window)
-        self.last = idx[-1]
+        self.added = np.bincount(flat_idx.reshape(-1), minlength=size)
+        flat += self.added
+        # the positions written now are [pos, pos + k) modulo the window: at most two slices of the ring
+        p, w = self._pos, self.window
+        segments = ((p, min(p + k, w)), (0, p + k - w)) if p + k > w else ((p, p + k),)
+        written = 0
+        for a, b in segments:
+            # positions [0, n) hold samples (the ring fills from 0 before it wraps): those leave the window now
+            leave_end = b if self.n >= w else min(b, self.n)
+            if leave_end > a:
+                flat -= np.bincount(self._ring[a:leave_end].reshape(-1), minlength=size)
+            self._ring[a:b] = flat_idx[written : written + (b - a)]
+            written += b - a
+        self.n = min(w, self.n + k)
+        self._pos = int((p + k) % w)
+        self.last = idx[-1].astype(np.int64)
         return idx
 
     @property

@@ -7,8 +7,8 @@ Create Date: 2026-11-27
 
 from __future__ import annotations
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+import sqlalchemy as sa
+from alembic import op
 
 revision = "0012"
 down_revision = "0011"
@@ -19,8 +19,14 @@ UTC = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
-    pass
+    # devices.desired_placements: the placements the control plane admitted (control.placements), published in the
+    # desired state; devices.hosted: what the agent last reported of them (DeviceState.hosted).
+    with op.batch_alter_table("devices") as batch:
+        batch.add_column(sa.Column("desired_placements", sa.JSON(), nullable=True))
+        batch.add_column(sa.Column("hosted", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table("devices") as batch:
+        batch.drop_column("hosted")
+        batch.drop_column("desired_placements")
