@@ -103,7 +103,7 @@ def run(devices: int = 1000, ingest_s: float = 30.0, rollout_tick_s: float = 2.0
     root = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     mq_port, http_port = _free_port(), _free_port()
     (root / "mosquitto.conf").write_text(
-        f"listener {mq_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n"
+        f"listener {mq_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n"
         f"log_dest file {root / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
     )
     procs: list[subprocess.Popen] = []

@@ -15,9 +15,11 @@ presents the control plane's client certificate (``tls_files``).
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -32,6 +34,8 @@ SUBSCRIBE_QOS = 1
 MAX_QUEUED = 10_000  # messages held while disconnected; beyond it publish() reports False
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT v5 persistent session: the broker keeps it (and queues) for a week
 UNSUPPORTED_PROTOCOL = 132  # MQTT v5 CONNACK reason "Unsupported Protocol Version" (3.1.1 brokers say 1)
+MAX_BATCH = 500  # messages stored per ingest transaction at most
+STORE_RETRIES = 6  # a batch the database refuses is retried (1, 2, 4, ... s) before it is given up
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
@@ -60,6 +64,16 @@ class MqttBus:
 
     ``on_message`` runs on the network thread, one message at a time; the QoS 1
     acknowledgement goes out after it returns, so a message is acked only once stored.
+
+    With ``on_batch(messages) -> stored`` instead, the network thread only queues what arrives and
+    an ingest worker thread hands it over in batches (whatever arrived meanwhile, up to
+    ``MAX_BATCH``): one database transaction per batch rather than per message, and the network
+    thread stays free for publishing desired states while a backlog is stored. Acknowledgements
+    are manual: a message is acked only after its batch was stored (a batch the database refuses
+    is retried with backoff first), so a control plane killed mid-batch loses nothing; the broker
+    redelivers, and ingest de-duplicates on (device, seq). Messages received before a reconnect
+    are not acked on the new connection (their packet ids belong to the old one): the broker
+    redelivers them too.
     """
 
     def __init__(
@@ -76,6 +90,7 @@ class MqttBus:
         password: str | None = None,
         tls_files: tuple[str, str, str] | None = None,
         protocol: int | None = None,
+        on_batch: Callable[[list[tuple[str, bytes]]], bool] | None = None,
     ) -> None:
         """``tls_files`` = (CA certificate, client certificate, client key) for mutual TLS (mqtts:// URLs).
 
@@ -100,6 +115,12 @@ class MqttBus:
         self._tls = tls
         self._tls_files = tls_files
         self.denied = 0  # publishes the broker refused (MQTT v5 reason code >= 0x80)
+        self._on_batch = on_batch
+        self._queue: queue.Queue[tuple[str, bytes, int, int, int] | None] = queue.Queue()
+        self._generation = 0  # connections so far: a message is acked only on the connection it came on
+        self._worker: threading.Thread | None = None
+        self.batches = 0
+        self.lost = 0  # messages given up after the database refused them STORE_RETRIES times
         self._client = self._new_client()
 
     def _new_client(self) -> mqtt.Client:
@@ -108,6 +129,7 @@ class MqttBus:
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=self.protocol,
+            manual_ack=self._on_batch is not None,
             # A persistent session (fixed client id) makes the broker queue QoS 1 messages that
             # devices publish while the control plane is down; they arrive on reconnect.
             **({} if v5 else {"clean_session": not self.persistent}),
@@ -137,6 +159,9 @@ class MqttBus:
         if self._started:
             return
         self._started = True
+        if self._on_batch is not None:
+            self._worker = threading.Thread(target=self._ingest_loop, name="edgewise-ingest", daemon=True)
+            self._worker.start()
         self._connect_async()
         self._client.loop_start()
         log.info("MQTT bus connecting to %s as %s", self.display_url, self.client_id)
@@ -186,6 +211,10 @@ class MqttBus:
         self._client.disconnect()
         self._client.loop_stop()
         self._ready.clear()
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=30)
+            self._worker = None
         log.info("MQTT bus disconnected from %s", self.display_url)
 
     # -- publishing ------------------------------------------------------------------------------
@@ -211,6 +240,7 @@ class MqttBus:
                 return
             log.error("MQTT broker %s refused the connection: %s (check credentials/ACL); retrying", self.display_url, reason)
             return
+        self._generation += 1
         if not self.subscriptions:
             self._connected()
             return
@@ -250,7 +280,63 @@ class MqttBus:
                       self.display_url, mid, reason, self._user or self.client_id)
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if self._on_batch is not None:
+            self._queue.put((msg.topic, msg.payload, msg.mid, msg.qos, self._generation))
+            return
         try:
             self._on_message_cb(msg.topic, msg.payload)
         except Exception:  # an exception here would kill paho's network thread
             log.exception("message handler failed on %s", msg.topic)
+
+    # -- the ingest worker (with on_batch) --------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        """Messages received and not yet stored."""
+        return self._queue.qsize()
+
+    def _ingest_loop(self) -> None:
+        assert self._on_batch is not None
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._store_and_ack(batch)
+            if stop:
+                return
+
+    def _store_and_ack(self, batch: list[tuple[str, bytes, int, int, int]]) -> None:
+        assert self._on_batch is not None
+        messages = [(t, p) for t, p, _, _, _ in batch]
+        stored = False
+        for attempt in range(STORE_RETRIES):
+            try:
+                stored = self._on_batch(messages)
+            except Exception:  # the handler promises not to raise; a bug must not end the worker
+                log.exception("ingest handler failed on a batch of %d", len(batch))
+                stored = False
+            if stored or not self._started:
+                break
+            time.sleep(min(2.0**attempt, 30.0))
+        if not stored:
+            self.lost += len(batch)
+            log.error("gave up storing %d messages after %d attempts; acknowledging them so the session goes on",
+                      len(batch), STORE_RETRIES)
+        self.batches += 1
+        for _t, _p, mid, qos, generation in batch:
+            if qos > 0 and generation == self._generation:
+                try:
+                    self._client.ack(mid, qos)
+                except Exception:  # noqa: BLE001 - a closed connection: the broker redelivers on the next one
+                    log.debug("ack of mid %d failed", mid, exc_info=True)

@@ -1,9 +1,11 @@
 """Ingest: turn device messages from the broker into rows, never crashing on bad input.
 
-``Ingest.handle`` is called on the MQTT client's network thread, one message at a
-time, each with its own database session. Whatever the payload, it returns: a
-message that breaks the wire contract is counted (per reason) and logged with its
-topic; a database failure is counted and logged with its traceback. Telemetry and
+``Ingest.handle_many`` stores a batch of messages in one transaction (the bus's ingest worker
+calls it with whatever arrived since the last batch, and acknowledges the messages to the
+broker only after it returned True: nothing is acknowledged that is not stored). Whatever the
+payloads, it returns: a message that breaks the wire contract is counted (per reason) and
+logged with its topic; a database failure is counted and logged with its traceback, and the
+batch is retried one message per transaction so one bad row costs only itself. Telemetry and
 events are de-duplicated by the database on (device_id, seq), so the at-least-once
 delivery of QoS 1 and of the agent's outbox costs nothing but a counter.
 """
@@ -15,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from sqlalchemy.orm import Session
 
@@ -107,32 +109,72 @@ class Ingest:
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Decode, check and store one message. Never raises."""
-        self._count(messages=1)
+        self.handle_many([(topic, payload)])
+
+    def handle_many(self, messages: Sequence[tuple[str, bytes]]) -> bool:
+        """Decode, check and store ``messages`` in one transaction; never raises.
+
+        Returns False only when the database refused the batch and every message of it (the caller should not
+        acknowledge them: the broker redelivers, and (device, seq) de-duplication makes that harmless)."""
+        decoded: list[tuple[str, Any]] = []
+        for topic, payload in messages:
+            self._count(messages=1)
+            try:
+                topics.parse(topic)
+            except ProtocolError as exc:
+                self._reject(topic, "bad_topic", exc)
+                continue
+            try:
+                _, msg = decode_for_topic(topic, payload)
+            except ProtocolError as exc:
+                self._reject(topic, classify(exc), exc)
+                continue
+            if not (isinstance(msg, (DeviceState, Batch, Telemetry, Event, Summary, Sample)) or getattr(msg, "type", None) == "fl_update"):
+                # decode_for_topic only lets device->server types through on our subscriptions
+                self._reject(topic, "wrong_channel", ProtocolError(f"{msg.type!r} is not for the control plane"))
+                continue
+            decoded.append((topic, msg))
+        if not decoded:
+            return True
         try:
-            topics.parse(topic)
-        except ProtocolError as exc:
-            self._reject(topic, "bad_topic", exc)
-            return
-        try:
-            _, msg = decode_for_topic(topic, payload)
-        except ProtocolError as exc:
-            self._reject(topic, classify(exc), exc)
-            return
-        try:
-            with self.db.session() as session:
-                if isinstance(msg, DeviceState):
-                    self._on_state(session, msg)
-                elif isinstance(msg, (Batch, Telemetry, Event, Summary, Sample)) or getattr(msg, "type", None) == "fl_update":
-                    self._on_records(session, msg)
-                else:  # decode_for_topic only lets device->server types through on our subscriptions
-                    self._reject(topic, "wrong_channel", ProtocolError(f"{msg.type!r} is not for the control plane"))
+            self._store(decoded)
+            return True
         except Exception:
-            self._count(errors=1)
-            log.exception("failed to store a valid message from %s; it is lost unless the device re-sends it", topic)
+            if len(decoded) == 1:
+                self._count(errors=1)
+                log.exception("failed to store a valid message from %s; it is lost unless the device re-sends it", decoded[0][0])
+                return False
+            log.warning("storing a batch of %d messages failed; storing them one by one", len(decoded), exc_info=True)
+        stored_any = False
+        for item in decoded:  # one transaction each: a message the database refuses costs only itself
+            try:
+                self._store([item])
+                stored_any = True
+            except Exception:
+                self._count(errors=1)
+                log.exception("failed to store a valid message from %s; it is lost unless the device re-sends it", item[0])
+        return stored_any
+
+    def _store(self, decoded: list[tuple[str, Any]]) -> None:
+        """Store decoded messages in one transaction, then run what each needs after the commit (counters,
+        re-sending a desired state, scheduling a drift judgement)."""
+        after: list[Callable[[], None]] = []
+        with self.db.session() as session:
+            for _topic, msg in decoded:
+                if isinstance(msg, DeviceState):
+                    after.append(self._on_state(session, msg))
+                else:
+                    after.append(self._on_records(session, msg))
+            session.commit()
+        for fn in after:
+            try:
+                fn()
+            except Exception:
+                log.exception("after storing a message")
 
     # -- state -----------------------------------------------------------------------------------
 
-    def _on_state(self, session: Session, msg: DeviceState) -> None:
+    def _on_state(self, session: Session, msg: DeviceState) -> Callable[[], None]:
         now = utcnow()
         tags = [t.strip() for t in msg.tags if isinstance(t, str) and t.strip() and len(t) <= TAG_MAX]
         device, created = ensure_device(session, msg.device_id, tags)  # tags apply on first registration only
@@ -152,12 +194,16 @@ class Ingest:
         device.last_state_at = now
         if msg.status != "offline":  # an offline state is the broker speaking (last will), not the device
             device.last_seen = now
-        session.commit()
-        self._count(states=1)
-        if created:
-            log.info("device %s registered itself (tags: %s)", device.id, ", ".join(device.tags) or "none")
-        if self._lacks_desired(device, msg):
-            self._republish(device, force=created)
+        session.flush()
+
+        def after() -> None:
+            self._count(states=1)
+            if created:
+                log.info("device %s registered itself (tags: %s)", device.id, ", ".join(device.tags) or "none")
+            if self._lacks_desired(device, msg):
+                self._republish(device, force=created)
+
+        return after
 
     @staticmethod
     def _lacks_desired(device: Device, msg: DeviceState) -> bool:
@@ -182,7 +228,7 @@ class Ingest:
 
     # -- telemetry and events --------------------------------------------------------------------
 
-    def _on_records(self, session: Session, msg: Batch | Telemetry | Event | Summary | Sample) -> None:
+    def _on_records(self, session: Session, msg: Batch | Telemetry | Event | Summary | Sample) -> Callable[[], None]:
         records = msg.items if isinstance(msg, Batch) else [msg]
         device, _ = ensure_device(session, msg.device_id)
         now = utcnow()
@@ -228,11 +274,15 @@ class Ingest:
             else:
                 dupes += 1
         device.last_seen = now
-        session.commit()
-        self._count(telemetry_rows=stored_t, event_rows=stored_e, summary_rows=stored_s, sample_rows=stored_x, duplicates=dupes)
-        self.drift.after_commit(session, sketched, now)
-        if dupes:
-            log.debug("%s: %d duplicate record(s) dropped", msg.device_id, dupes)
+        session.flush()
+
+        def after() -> None:
+            self._count(telemetry_rows=stored_t, event_rows=stored_e, summary_rows=stored_s, sample_rows=stored_x, duplicates=dupes)
+            self.drift.after_commit(session, sketched, now)
+            if dupes:
+                log.debug("%s: %d duplicate record(s) dropped", msg.device_id, dupes)
+
+        return after
 
 
 def update_clock_offset(device: Device, records: list[Any], now: Any) -> float | None:

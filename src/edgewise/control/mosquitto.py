@@ -107,6 +107,11 @@ def conf_text(directory: Path, *, host: str, port: int, persistence: bool = True
         f"persistence_location {d}/",
         "allow_anonymous false",
         f"acl_file {d / ACL_FILE}",
+        # The control plane acknowledges a QoS 1 message only once its ingest batch is stored: let up to
+        # 1,000 be in flight to it (default 20 caps every batch at 20), and let its session hold 100,000
+        # while it restarts (default 1,000: one second of a 1,000-device fleet).
+        "max_inflight_messages 1000",
+        "max_queued_messages 100000",
         "",
         f"listener {port} {host}",
         "protocol mqtt",

@@ -106,7 +106,7 @@ class ControlServices:
                 _republish(db, bus)
 
             bus = MqttBus(
-                broker_url, ingest.handle, on_connected=republish,
+                broker_url, ingest.handle, on_batch=ingest.handle_many, on_connected=republish,
                 client_id=settings.effective_mqtt_client_id, persistent=True, **bus_options,  # type: ignore[arg-type]
             )
             services = cls(settings, db, registry, ingest, bus, broker, broker_url, tuf, provisioning, mosquitto)
