@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench system-deps clean
+.PHONY: setup demo test test-pg test-pg-db bench system-deps pg-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,11 +27,28 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends mosquitto chromium softhsm2; \
 	fi
 
+# PostgreSQL from Debian's packages for `make test-pg`: only the binaries are used (each test session
+# starts a private cluster on a free loopback port: tests/pg.py), never the system service.
+pg-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends postgresql; \
+	fi
+
+# The whole suite against PostgreSQL (docs/scale-out-postgres.md).
+test-pg: setup system-deps pg-deps
+	EDGEWISE_TEST_DB=postgresql $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Only the tests that use a control-plane database (marker `db`, set by tests/conftest.py), on PostgreSQL.
+test-pg-db: setup system-deps pg-deps
+	EDGEWISE_TEST_DB=postgresql $(BIN)/python -m pytest -q -p no:cacheprovider -m "db and not slow"
+
 demo: setup
 	$(BIN)/edgewise demo
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory test-pg-db   # the database-touching tests again, on PostgreSQL (docs/scale-out-postgres.md)
 
 bench: setup system-deps
 	$(BIN)/python -m pip install -q nncf==3.4.0   # comparison baseline only

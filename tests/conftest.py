@@ -91,7 +91,7 @@ def mosquitto(tmp_path_factory):
     port = free_port()
     conf = d / "mosquitto.conf"
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 100000\n"
         f"log_dest file {d / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
     )
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -232,3 +232,111 @@ def releases(tmp_path_factory, release_wheel, keys_dir) -> dict[str, Path]:
         out[label] = d / f"{label}.ewr"
         build_release(whl, signer=key, out=out[label])
     return out
+
+
+# -- PostgreSQL as well as SQLite (EDGEWISE_TEST_DB=postgresql; docs/scale-out-postgres.md) ---------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A private PostgreSQL cluster for this session (tests/pg.py), its template1 migrated to head so every
+    new database starts with the current schema. Skipped where PostgreSQL is not installed, unless the
+    session runs on PostgreSQL (EDGEWISE_TEST_DB=postgresql), where that is a failure."""
+    import tempfile
+
+    from pg import PgCluster, pg_bin_dir, selected_engine
+
+    if pg_bin_dir() is None:
+        if selected_engine() == "postgresql":
+            pytest.fail("EDGEWISE_TEST_DB=postgresql but PostgreSQL is not installed: run `make test-pg`")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql, or `make test-pg`)")
+    base = Path(tempfile.mkdtemp(prefix="edgewise-pg-"))
+    cluster = PgCluster(base)
+    try:
+        cluster.start()
+        from edgewise.control.db import init_db
+
+        init_db(cluster.url("template1")).dispose()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_database_engine(request):
+    """On EDGEWISE_TEST_DB=postgresql every control plane without an explicit database URL gets a database of
+    its own (one per data dir) on the session's cluster, through EDGEWISE_DATABASE_URL_TEMPLATE."""
+    import os
+
+    from pg import selected_engine
+
+    if selected_engine() != "postgresql":
+        yield "sqlite"
+        return
+    cluster = request.getfixturevalue("pg_cluster")
+    before = os.environ.get("EDGEWISE_DATABASE_URL_TEMPLATE")
+    os.environ["EDGEWISE_DATABASE_URL_TEMPLATE"] = cluster.url("ew_{key}")
+    yield "postgresql"
+    if before is None:
+        os.environ.pop("EDGEWISE_DATABASE_URL_TEMPLATE", None)
+    else:
+        os.environ["EDGEWISE_DATABASE_URL_TEMPLATE"] = before
+
+
+@pytest.fixture
+def db_url(request, tmp_path, _test_database_engine) -> str:
+    """A fresh database for this test: SQLite in tmp_path, or a new PostgreSQL database on the session's cluster."""
+    if _test_database_engine == "postgresql":
+        return request.getfixturevalue("pg_cluster").create_database()
+    return f"sqlite:///{tmp_path / 'cp.db'}"
+
+
+_DB_HINTS = ("ControlPlane", "init_db", "create_app", "ServerSettings", "db_url", "make_engine", "Database(")
+_db_uses: dict[object, bool] = {}
+
+
+def _uses_database(obj, depth: int = 0) -> bool:
+    """True if a test function or fixture (or a tests/ helper function it calls, a few levels deep) mentions the
+    control plane's database: its source names ControlPlane, init_db, ServerSettings, ..."""
+    import inspect
+    import types
+
+    func = getattr(obj, "__wrapped__", obj)
+    if not isinstance(func, types.FunctionType) or depth > 4:
+        return False
+    if func in _db_uses:
+        return _db_uses[func]
+    _db_uses[func] = False  # recursion guard
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        source = ""
+    found = any(hint in source for hint in _DB_HINTS)
+    if not found:
+        names: set[str] = set()
+        stack = [func.__code__]
+        while stack:
+            code = stack.pop()
+            names.update(code.co_names)
+            stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        here = Path(__file__).parent
+        for name in names:
+            target = func.__globals__.get(name)
+            module = getattr(inspect.getmodule(target), "__file__", None) if target is not None else None
+            if module and Path(module).parent == here and _uses_database(target, depth + 1):
+                found = True
+                break
+    _db_uses[func] = found
+    return found
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `db` every test that uses a control-plane database, directly, through a fixture or through a tests/
+    helper: CI runs `-m "db and not slow"` on PostgreSQL (docs/scale-out-postgres.md)."""
+    for item in items:
+        fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        funcs = [getattr(item, "function", None)] + [
+            d.func for name, defs in fixtures.items() if name != "_test_database_engine" for d in defs]  # autouse
+        if any(_uses_database(f) for f in funcs if f is not None):
+            item.add_marker(pytest.mark.db)

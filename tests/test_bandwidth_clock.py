@@ -108,8 +108,8 @@ def test_bytes_sent_metric_is_exported_per_mode():
 
 
 @pytest.fixture()
-def db(tmp_path):
-    d = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def db(tmp_path, db_url):
+    d = init_db(db_url)
     yield d
     d.dispose()
 

@@ -22,8 +22,8 @@ def test_migrations_create_exactly_the_schema_the_models_describe(tmp_path):
     assert {"devices", "model_versions", "deployments", "telemetry", "events", "alembic_version"} <= tables
 
 
-def test_migrating_twice_is_harmless_and_keeps_data(tmp_path):
-    url = f"sqlite:///{tmp_path / 'cp.db'}"
+def test_migrating_twice_is_harmless_and_keeps_data(db_url):
+    url = db_url
     db = init_db(url)
     with db.engine.begin() as conn:
         conn.execute(text("INSERT INTO devices (id, tags, status, desired_generation, registered_at) "
@@ -47,7 +47,8 @@ def test_migration_scripts_are_located_next_to_the_package_not_the_working_direc
     init_db("sqlite://")  # in-memory, from an unrelated cwd
 
 
-def test_settings_default_to_sqlite_and_the_embedded_broker_under_the_data_dir(tmp_path):
+def test_settings_default_to_sqlite_and_the_embedded_broker_under_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEWISE_DATABASE_URL_TEMPLATE", raising=False)  # set by EDGEWISE_TEST_DB=postgresql
     s = ServerSettings(data_dir=tmp_path)
     assert s.effective_database_url == f"sqlite:///{tmp_path / 'edgewise.db'}"
     assert s.embedded_broker and s.effective_broker_url == "mqtt://127.0.0.1:1883"
@@ -65,3 +66,26 @@ def test_settings_read_edgewise_env_vars_and_explicit_options_win(tmp_path):
     assert s.data_dir == Path(tmp_path) and s.port == 9100 and s.host == "127.0.0.1"
     assert not s.embedded_broker and s.effective_broker_url == "mqtt://broker.local:1884"
     assert s.trust == [tmp_path / "a.pub", tmp_path / "b.pub"]
+
+
+def test_a_database_url_template_gives_each_data_dir_a_database_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEWISE_DATABASE_URL_TEMPLATE", "postgresql+psycopg://u@db/ew_{key}")
+    a, b = ServerSettings(data_dir=tmp_path / "a"), ServerSettings(data_dir=tmp_path / "b")
+    assert a.effective_database_url.startswith("postgresql+psycopg://u@db/ew_")
+    assert a.effective_database_url != b.effective_database_url
+    assert ServerSettings(data_dir=tmp_path / "a").effective_database_url == a.effective_database_url
+    assert ServerSettings(data_dir=tmp_path, database_url="sqlite://").effective_database_url == "sqlite://"
+
+
+def test_a_templated_postgresql_database_is_created_on_first_use_and_reused_after(pg_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEWISE_DATABASE_URL_TEMPLATE", pg_cluster.url("ew_{key}"))
+    url = ServerSettings(data_dir=tmp_path).effective_database_url
+    db = init_db(url)
+    with db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO devices (id, tags, status, desired_generation, registered_at) "
+                          "VALUES ('d1', '[]', 'registered', 0, '2025-01-01 00:00:00+00')"))
+    db.dispose()
+    db = init_db(url)
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT id FROM devices")).scalar_one() == "d1"
+    db.dispose()

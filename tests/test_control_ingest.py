@@ -21,8 +21,8 @@ from edgewise.control.telemetry import latest_per_device, series
 
 
 @pytest.fixture()
-def db(tmp_path):
-    d = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def db(tmp_path, db_url):
+    d = init_db(db_url)
     yield d
     d.dispose()
 
@@ -130,8 +130,8 @@ def test_bad_messages_are_counted_by_reason_and_logged_with_their_topic(ingest, 
     assert _count(db, TelemetryRow) == 0
 
 
-def test_a_failing_database_is_counted_and_does_not_raise(tmp_path, caplog):
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def test_a_failing_database_is_counted_and_does_not_raise(tmp_path, db_url, caplog):
+    db = init_db(db_url)
     ingest = Ingest(db)
     with db.engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE telemetry")

@@ -45,8 +45,8 @@ def _wait(pred, timeout=20.0):
     return False
 
 
-def test_handle_many_stores_messages_of_many_devices_in_one_call_and_counts_each(tmp_path):
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def test_handle_many_stores_messages_of_many_devices_in_one_call_and_counts_each(db_url):
+    db = init_db(db_url)
     ingest = Ingest(db)
     devs = [f"batch-{i}" for i in range(5)]
     assert ingest.handle_many([(p.topics.telemetry(d), _batch(d, range(1, 4))) for d in devs] + [("not/a/topic", b"x")])
@@ -55,8 +55,8 @@ def test_handle_many_stores_messages_of_many_devices_in_one_call_and_counts_each
     assert st.telemetry_rows == 15 and st.messages == 6 and st.bad_by_reason == {"bad_topic": 1}
 
 
-def test_a_message_the_database_refuses_costs_only_itself(tmp_path, monkeypatch):
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def test_a_message_the_database_refuses_costs_only_itself(db_url, monkeypatch):
+    db = init_db(db_url)
     ingest = Ingest(db)
     real = Ingest._on_records
 
@@ -70,8 +70,8 @@ def test_a_message_the_database_refuses_costs_only_itself(tmp_path, monkeypatch)
     assert ok and _count(db, "good-1") == 2 and _count(db, "good-2") == 2 and ingest.stats().errors == 1
 
 
-def test_a_batch_is_acknowledged_only_once_stored_so_a_control_plane_killed_mid_batch_loses_nothing(tmp_path, mosquitto):
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def test_a_batch_is_acknowledged_only_once_stored_so_a_control_plane_killed_mid_batch_loses_nothing(db_url, mosquitto):
+    db = init_db(db_url)
     ingest = Ingest(db)
     dev = f"kill-{uuid.uuid4().hex[:6]}"
     client_id = f"cp-{uuid.uuid4().hex[:6]}"
@@ -102,8 +102,8 @@ def test_a_batch_is_acknowledged_only_once_stored_so_a_control_plane_killed_mid_
         second.stop()
 
 
-def test_a_batch_the_database_refuses_for_a_while_is_retried_then_stored_once(tmp_path, mosquitto):
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def test_a_batch_the_database_refuses_for_a_while_is_retried_then_stored_once(db_url, mosquitto):
+    db = init_db(db_url)
     ingest = Ingest(db)
     dev = f"retry-{uuid.uuid4().hex[:6]}"
     calls = {"n": 0}
@@ -119,6 +119,6 @@ def test_a_batch_the_database_refuses_for_a_while_is_retried_then_stored_once(tm
         _publish(mosquitto, [(p.topics.telemetry(dev), _batch(dev, range(1, 6)))])
         assert _wait(lambda: _count(db, dev) == 5)
         time.sleep(0.5)
-        assert calls["n"] == 3 and bus.lost == 0 and ingest.stats().duplicates == 0
+        assert calls["n"] >= 3 and bus.lost == 0 and ingest.stats().duplicates == 0 and _count(db, dev) == 5
     finally:
         bus.stop()

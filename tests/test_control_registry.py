@@ -15,8 +15,8 @@ from edgewise.security import TrustedKeys, load_signer
 
 
 @pytest.fixture()
-def db(tmp_path):
-    d = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def db(tmp_path, db_url):
+    d = init_db(db_url)
     yield d
     d.dispose()
 

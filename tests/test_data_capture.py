@@ -263,12 +263,12 @@ def test_samples_drain_last_as_batches_on_the_telemetry_samples_topic(tmp_path):
 # -- control plane: ingest, de-duplication, export -----------------------------------------------------
 
 
-def test_ingest_stores_a_sample_once_however_often_it_is_delivered_and_exports_it_unchanged(tmp_path):
+def test_ingest_stores_a_sample_once_however_often_it_is_delivered_and_exports_it_unchanged(tmp_path, db_url):
     from edgewise.control.db import init_db
     from edgewise.control.ingest import Ingest
     from edgewise.control import samples as sm
 
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+    db = init_db(db_url)
     ingest = Ingest(db)
     dev = _id("ing")
     x = np.arange(2 * 3 * 4, dtype=np.int16).reshape(1, 2, 3, 4)
@@ -289,11 +289,11 @@ def test_ingest_stores_a_sample_once_however_often_it_is_delivered_and_exports_i
     assert list(data["seq"]) == [5, 6] and list(data["top1"]) == [-1, -1] and list(data["reason"]) == ["random"] * 2
 
 
-def test_a_sample_whose_bytes_do_not_fit_its_shape_is_refused_and_the_rest_of_the_batch_is_stored(tmp_path):
+def test_a_sample_whose_bytes_do_not_fit_its_shape_is_refused_and_the_rest_of_the_batch_is_stored(tmp_path, db_url):
     from edgewise.control.db import init_db
     from edgewise.control.ingest import Ingest
 
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+    db = init_db(db_url)
     ingest = Ingest(db)
     dev = _id("bad")
     good = _sample(dev, "random", 0.9, 1.0).model_copy(update={"seq": 1})
@@ -304,7 +304,7 @@ def test_a_sample_whose_bytes_do_not_fit_its_shape_is_refused_and_the_rest_of_th
     assert stats.sample_rows == 1 and stats.bad_by_reason == {"bad_sample": 1}
 
 
-def test_parquet_export_without_pyarrow_says_what_to_do(tmp_path, monkeypatch):
+def test_parquet_export_without_pyarrow_says_what_to_do(tmp_path, db_url, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as on a control plane installed without edgewise[parquet]
@@ -314,7 +314,7 @@ def test_parquet_export_without_pyarrow_says_what_to_do(tmp_path, monkeypatch):
     from edgewise.control.errors import InvalidRequestError
     from edgewise.control.ingest import Ingest
 
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+    db = init_db(db_url)
     dev = _id("pq")
     Ingest(db).handle(topics.telemetry(dev, "samples"),
                       encode(_sample(dev, "random", 0.9, 1.0).model_copy(update={"seq": 1, "model": "m", "version": "1"})))
@@ -369,9 +369,15 @@ def test_an_operator_switches_capture_off_for_a_tag_through_the_desired_state_an
         assert again.capture is None and again.generation > states["cap-a"].generation
         assert client.put("/api/v1/capture", json={"tag": "nobody", "enabled": False}).status_code == 404
         assert client.put("/api/v1/capture", json={"enabled": False}).status_code in (400, 422)
+        # a saved group (issue 7): its devices now, by attribute query
+        assert client.post("/api/v1/groups", json={"name": "lab-devices", "query": {"tags_any": ["lab"]}}).status_code in (200, 201)
+        r = client.put("/api/v1/capture", json={"group": "lab-devices", "enabled": False})
+        assert r.status_code == 200, r.text
+        assert r.json()["devices"] == ["cap-c"]
+        assert client.put("/api/v1/capture", json={"group": "no-such-group", "enabled": False}).status_code == 404
 
 
-def test_parquet_export_holds_one_row_per_sample_with_each_input_and_its_shape(tmp_path):
+def test_parquet_export_holds_one_row_per_sample_with_each_input_and_its_shape(tmp_path, db_url):
     import io
 
     import pyarrow.parquet as pq
@@ -380,7 +386,7 @@ def test_parquet_export_holds_one_row_per_sample_with_each_input_and_its_shape(t
     from edgewise.control.db import init_db
     from edgewise.control.ingest import Ingest
 
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+    db = init_db(db_url)
     dev = _id("pq2")
     sent = [_sample(dev, "random", 0.9, float(i)).model_copy(update={"seq": i + 1, "model": "m", "version": "1"}) for i in range(3)]
     for s in sent:

@@ -159,9 +159,9 @@ def test_the_threshold_grows_for_small_samples():
 # -- storage and alerts -----------------------------------------------------------------------------
 
 
-def test_sketches_are_added_per_device_per_hour_and_alerts_open_once_and_resolve(world, tmp_path):
+def test_sketches_are_added_per_device_per_hour_and_alerts_open_once_and_resolve(world, tmp_path, db_url):
     ref, pool = world
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+    db = init_db(db_url)
     now = datetime(2026, 11, 27, 12, 30, tzinfo=timezone.utc)
     t = now.timestamp()
     sketches = fleet(ref, pool, shift=dead_channel, shifted={3}, n=100)
@@ -188,14 +188,14 @@ def test_sketches_are_added_per_device_per_hour_and_alerts_open_once_and_resolve
     db.dispose()
 
 
-def test_ingest_adds_each_new_records_sketch_once_and_refuses_sketches_on_other_bins(world, tmp_path):
+def test_ingest_adds_each_new_records_sketch_once_and_refuses_sketches_on_other_bins(world, tmp_path, db_url):
     import time
 
     from edgewise import protocol as p
     from edgewise.control.ingest import Ingest
 
     ref, pool = world
-    db = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+    db = init_db(db_url)
     ingest = Ingest(db)
     ingest.drift.interval_s = 3600.0  # judging is not what this test is about
     sk = sketch_of(ref, pool[:150])

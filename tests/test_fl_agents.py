@@ -125,3 +125,16 @@ def test_an_agent_that_trained_offline_delivers_its_update_through_the_outbox_an
         assert sum(r["used"] for r in status["rounds"]) == sum(1 for r in rows if r.status == "used")  # nothing counted twice
     finally:
         off.stop()
+
+
+def test_a_job_that_trains_every_layer_of_the_mlp_completes_over_real_agents(fleet):
+    cp, agents = fleet
+    body = {"name": "digits-all", "model": "digits", "base_version": "1.1.0", "devices": [a.device_id for a in agents],
+            "cohort_size": 3, "min_updates": 2, "max_updates": 3, "round_deadline_s": 20, "rounds": 1, "eval_set": "digits",
+            "recipe": {"epochs": 1, "batch_size": 16, "lr": 0.02, "layers": "all"}, "min_confidence": 0.5, "clip_norm": 5.0,
+            "seed": 2}
+    j = http_json("POST", f"{cp.url}/api/v1/fl/jobs", body, token=cp.admin_token)
+    status = wait_until(lambda: (s := job(cp, j["id"]))["state"] != "running" and s, 90, interval=0.2, what="the job to finish")
+    assert status["state"] == "completed", status["reason"]
+    (r,) = status["rounds"]
+    assert r["state"] == "closed" and r["used"] >= 2 and r["rejected"] == 0 and 0.8 < r["accuracy"] <= 1.0

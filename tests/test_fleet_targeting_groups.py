@@ -22,8 +22,8 @@ X86 = {"arch": "x86_64", "ram_mb": 8192, "cores": 8, "hardware_class": "x86-gate
 
 
 @pytest.fixture()
-def db(tmp_path):
-    database = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def db(tmp_path, db_url):
+    database = init_db(db_url)
     yield database
     database.dispose()
 

@@ -27,8 +27,8 @@ from test_agent_support import wait_for
 
 
 @pytest.fixture()
-def db(tmp_path):
-    d = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def db(tmp_path, db_url):
+    d = init_db(db_url)
     yield d
     d.dispose()
 

@@ -98,8 +98,8 @@ def test_fleet_series_cover_a_group_and_refuse_a_raw_step(cp):
                     headers=h["operator"])
     assert r.status_code in (200, 201), r.text
     params = {"metrics": "inference_rate,devices_reporting", "group": "mapi-pair", "since": now - 300}
-    wait_for(lambda: client.get("/api/v1/fleet/series", params=params, headers=h["viewer"]).json()["metrics"]["devices_reporting"],
-             10, what="the fleet rollup")
+    wait_for(lambda: (client.get("/api/v1/fleet/series", params=params, headers=h["viewer"]).json()["metrics"]
+                      ["devices_reporting"] or [[0, 0]])[-1][1] == 2, 10, what="the fleet rollup of both devices")
     body = client.get("/api/v1/fleet/series", params=params, headers=h["viewer"]).json()
     assert body["devices"] == 2 and body["metrics"]["devices_reporting"][-1][1] == 2
     assert body["metrics"]["inference_rate"][-1][1] == 20.0

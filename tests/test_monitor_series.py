@@ -20,8 +20,8 @@ T0 = int(utcnow().timestamp() // 3600) * 3600 - 3600  # an hour or two ago, on a
 
 
 @pytest.fixture()
-def db(tmp_path):
-    d = init_db(f"sqlite:///{tmp_path / 'cp.db'}")
+def db(tmp_path, db_url):
+    d = init_db(db_url)
     yield d
     d.dispose()
 

@@ -134,6 +134,17 @@ class AgentConfig(BaseModel):
     adapt_max_golden_drop: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Largest golden-input accuracy drop an adapted model may show and still commit.",
     )
+    # Peer distribution (agent.peers; docs/peer-distribution.md, issue 9).
+    peer_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Serve the verified bundles this device holds to peers on this port (0: a free one); None: do not serve.",
+    )
+    peer_host: str = Field(default="0.0.0.0", description="Address the peer server binds to (the site LAN's interface).")
+    peer_url: str | None = Field(default=None, description="URL peers reach this device's peer server at; default: http://<primary address>:<port>.")
+    peer_fetch: bool = Field(default=True, description="Fetch bundles from peers (desired-state hints, mDNS) before the control plane.")
+    peer_mdns: bool = Field(default=False, description="Advertise and discover peers by mDNS (_edgewise-peer._tcp; needs the 'peer' extra).")
+    peer_timeout_s: float = Field(default=3.0, gt=0, description="Socket timeout when fetching from a peer (short: the control plane is the fallback).")
+    peer_ban_s: float = Field(default=600.0, ge=0, description="How long a peer that served wrong bytes is not asked again.")
 
     @field_validator("device_id")
     @classmethod

@@ -12,6 +12,9 @@ weight and bias; the same layer ``data.adapt.coral`` folds into with ``where="fe
 4. signs the delta with its key and puts an :class:`~edgewise.protocol.messages.FLUpdate` in the durable outbox:
    a device that goes offline after training delivers the update when its link is back.
 
+With ``recipe.layers = "all"`` the task carries every tensor of the dense/ReLU chain that ends in the head (an MLP
+exported by skl2onnx is one such chain from the input) and step 3 trains all of them in numpy (``learn.mlp``).
+
 Nothing but the delta and the sample count leaves the device. The samples stay (a later round may use them again).
 """
 
@@ -73,8 +76,8 @@ def train(agent: "Agent", task: FLTask) -> FLUpdate:
     from .adapt import base_bundle
     from .capture import stack_samples
 
-    if task.recipe.layers != "head":
-        raise FLTaskError('this agent trains the head only (numpy, no torch): use recipe layers = "head"')
+    if task.recipe.layers not in ("head", "all"):
+        raise FLTaskError(f'recipe layers must be "head" or "all", got {task.recipe.layers!r}')
     model = agent.current_model
     if model is None or (model.name, model.version) != (task.model, task.version):
         raise FLTaskError(f"the task is for {task.model} {task.version}; this device runs "
@@ -85,6 +88,8 @@ def train(agent: "Agent", task: FLTask) -> FLUpdate:
     if len(sure) < task.min_samples:
         raise FLTaskError(f"{len(sure)} local samples of {task.model} {task.version} with confidence >= {task.min_confidence} "
                           f"(of {len(samples)} kept); the task needs at least {task.min_samples}")
+    if task.recipe.layers == "all":  # FL2: every layer of the MLP tail, in numpy (learn.mlp)
+        return _train_all_layers(agent, task, sure)
     try:
         bundle = base_bundle(agent, model.sha256)
         proto = load_model(bundle.read_model())
@@ -118,6 +123,55 @@ def train(agent: "Agent", task: FLTask) -> FLUpdate:
     d = delta_of(new, base)
     tensors = [SampleArray.of(layer.weight, (d["W"].T if layer.trans_b else d["W"]).astype(w.dtype)),
                SampleArray.of(layer.bias, d["b"].reshape(given[layer.bias].shape).astype(given[layer.bias].dtype))]
+    update = FLUpdate(device_id=agent.device_id, seq=0, ts=time.time(), mono=time.monotonic(), job_id=task.job_id,
+                      round=task.round, base_version=task.base_version, model=task.model, version=task.version,
+                      num_samples=len(y), loss=float(loss), labels="pseudo", tensors=tensors, signature="")
+    return sign_update(agent, update)
+
+
+def _train_all_layers(agent: "Agent", task: FLTask, sure: list[Any]) -> FLUpdate:
+    """``layers = "all"``: train the dense/ReLU chain that ends in the head (``learn.mlp``) from the task's tensors,
+    on the chain's input computed with ONNX Runtime (whatever is before the chain stays frozen)."""
+    from ..data.adapt._graph import batches, expose, load_model, session
+    from ..learn.local import Recipe
+    from ..learn.mlp import ChainError, chain_weights, mlp_chain, train_mlp
+    from .adapt import base_bundle
+    from .capture import stack_samples
+
+    model = agent.current_model
+    assert model is not None
+    try:
+        proto = load_model(base_bundle(agent, model.sha256).read_model())
+        chain = mlp_chain(proto)
+    except ChainError as exc:
+        raise FLTaskError(f"cannot find layers to train: {exc}") from None
+    except Exception as exc:  # a slot that no longer verifies, an unreadable model
+        raise FLTaskError(f"cannot read the model to train: {exc}") from None
+    ref = chain_weights(proto, chain)
+    given = {t.name: t.array() for t in task.tensors}
+    if set(given) != set(ref):
+        raise FLTaskError(f'layers = "all": the task\'s tensors {sorted(given)} are not this model\'s dense chain {sorted(ref)}')
+    for name, arr in given.items():
+        if arr.shape != ref[name].shape or not np.isfinite(arr).all():
+            raise FLTaskError(f"the task's {name} is {list(arr.shape)} (model: {list(ref[name].shape)}) or not finite")
+    stacked = stack_samples(sure)
+    feed = {k[2:]: v for k, v in stacked.items() if k.startswith("x:")}
+    first = chain[0].input
+    if first in feed:  # the chain starts at a graph input (no frozen part)
+        x = np.asarray(feed[first], dtype=np.float64).reshape(len(feed[first]), -1)
+    else:
+        sess = session(expose(proto, [first]))
+        x = np.concatenate([np.asarray(sess.run([first], part)[0], dtype=np.float64).reshape(len(next(iter(part.values()))), -1)
+                            for part in batches(feed, 256)])
+    y = stacked["top1"].astype(np.int64)
+    base = {k: v.astype(ref[k].dtype) for k, v in given.items()}
+    r = task.recipe
+    try:
+        new, loss = train_mlp(chain, base, x, y, Recipe(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, mu=r.mu, layers="all"),
+                              np.random.default_rng(task.seed))
+    except ValueError as exc:
+        raise FLTaskError(f"local training failed: {exc}") from None
+    tensors = [SampleArray.of(k, (new[k] - base[k]).astype(base[k].dtype)) for k in base]
     update = FLUpdate(device_id=agent.device_id, seq=0, ts=time.time(), mono=time.monotonic(), job_id=task.job_id,
                       round=task.round, base_version=task.base_version, model=task.model, version=task.version,
                       num_samples=len(y), loss=float(loss), labels="pseudo", tensors=tensors, signature="")

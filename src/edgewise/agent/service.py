@@ -39,6 +39,7 @@ from .drift import DriftWatch
 from .hosting import Hosting
 from .adapt import Adapter, AdaptResult, AdaptWindow
 from .monitor import Monitor
+from .privacy import TelemetryPrivatizer
 from .observers import PredictionObserver
 from .outbox import Outbox, drain_once
 from .runtime import LoadedModel
@@ -104,6 +105,9 @@ class Agent:
             raise
         self.monitor = Monitor()
         self.monitor.status = self._metrics_status
+        # Telemetry privacy (issue 8 FL2, agent.privacy): histograms privatized before they enter the outbox, as the
+        # desired state's ``privacy`` says (kept in STATE/privacy.json across restarts, with the day's ε spent).
+        self.privacy = TelemetryPrivatizer(self.state_dir)
         self.bandwidth_mode: str = config.bandwidth_mode
         self._summarize = config.bandwidth_mode == "summary"
         self._model: LoadedModel | None = None
@@ -127,13 +131,19 @@ class Agent:
         self._adapt_thread: threading.Thread | None = None
         self._last_auto_adapt = float("-inf")
         fetcher = HttpFetcher(config.server_url, timeout=config.download_timeout_s, token_file=config.device_token_path)
+        # Peer distribution (agent.peers, issue 9): bundles from peers first, the control plane last; trust unchanged.
+        self.peers: Any = None
+        if config.peer_fetch or config.peer_port is not None:
+            from .peers import Peers
+
+            self.peers = Peers.for_agent(config, self.slots, lambda: self.updater.trusted(), fetcher)
         self.updater = Updater(
             self.slots,
             config.trust_path,
             downloads=self.state_dir / "downloads",
             activate=self._activate,
             current=lambda: self._model,
-            fetcher=fetcher,
+            fetcher=self.peers.fetcher if self.peers is not None else fetcher,
             threads=config.threads,
             trial_starts=config.trial_starts,
             disk_margin=config.disk_margin_bytes,
@@ -296,6 +306,8 @@ class Agent:
             self.stop()
             raise AgentError(f"cannot open the local API on {cfg.api_host}:{cfg.api_port}: {exc.strerror or exc}; pass another --api-port (0 picks a free one)") from None
         self._api.start()
+        if self.peers is not None:
+            self.peers.start()  # serve verified bundles to peers (peer_port), find them by mDNS (peer_mdns)
         atomic_write(self.state_dir / "api.port", f"{self._api.port}\n".encode())
         log.info("%s serving %s on %s", self.device_id, self._describe_model(), self._api.url)
         self._emit_event("start", f"agent {__version__} started with {self._describe_model()}", detail={"api_port": self._api.port})
@@ -344,6 +356,8 @@ class Agent:
         if self._api is not None:
             self._api.stop()
             (self.state_dir / "api.port").unlink(missing_ok=True)
+        if self.peers is not None:
+            self.peers.stop()
         if self._started:
             self.crashes.clean_exit()  # stopped on purpose: the next start reports no crash
         self.outbox.close()
@@ -597,6 +611,8 @@ class Agent:
             hosted=self.hosting.hosted(),
             tags=list(self.config.tags),
             api_url=f"http://{self.config.api_host}:{self._api.port}" if self._api is not None else None,
+            peer_url=self.peers.peer_url if self.peers is not None else None,
+            holds=self.peers.holds()[:64] if self.peers is not None else [],
             ts=time.time(),
         )
 
@@ -680,6 +696,8 @@ class Agent:
         shadow = self.shadow.take_interval()  # comparison counts since the previous tick (None: no candidate loaded)
         if shadow is not None:
             record = record.model_copy(update={"shadow": shadow})
+        m = self._model  # FL2: class/confidence histograms privatized (or left out) before they are stored
+        record = self.privacy.privatize(record, num_classes=len(m.manifest.labels or []) if m is not None else None)
         self._emit(record)
         return record
 
@@ -763,9 +781,11 @@ class Agent:
             "bytes_sent": dict(mon.bytes_sent),
             "agent_version": __version__,
             "capture": self.capture.stats() if self.capture is not None else None,
+            "privacy": self.privacy.status(),  # issue 8 FL2: telemetry privacy and today's ε
             "drift": {"score": self.drift.drift_score, "active": self.drift.active} if self.drift.observer is not None else None,
             "adaptation": self.adapter.describe(m, len(self.adapt_window)),
             "shadow": self.shadow.describe(),
+            "peers": self.peers.describe() if self.peers is not None else None,
         }
 
     def _metrics_status(self) -> dict[str, Any]:
@@ -792,7 +812,10 @@ class Agent:
                 return
             if self.capture is not None:
                 self.capture.set_group_enabled(desired.capture)
+            self.privacy.set(desired.privacy)  # issue 8 FL2: telemetry privacy for this device's group
             self.shadow.want(desired.shadow)  # quick: the shadow's own thread fetches, verifies and loads
+            if self.peers is not None:
+                self.peers.hint(desired.peers)  # where nearby devices hold the artifact (tried before the control plane)
             self._desired = desired
             self._desired_cv.notify_all()
 

@@ -58,6 +58,12 @@ class FetchError(RuntimeError):
     """The artifact could not be fetched (network, server, wrong bytes). Retrying later may help."""
 
 
+class WrongBytesError(FetchError):
+    """The source served other bytes than the signed metadata names (hash, length or range): it is broken or hostile.
+
+    A peer fetcher bans the source for a while; a network failure is a plain :class:`FetchError`."""
+
+
 class TufUpdateError(RuntimeError):
     """TUF refused (or could not check) an update; ``kind`` names the class of failure (rollback, freeze,
     mix-and-match, signature, endless-data, unreachable, ...), the message what to do. See ``agent.tuf_client``."""
@@ -150,7 +156,7 @@ class HttpFetcher:
         digest = h.hexdigest()
         if digest != artifact.sha256:
             part.unlink(missing_ok=True)
-            raise FetchError(
+            raise WrongBytesError(
                 f"{url}: sha256 {digest[:16]}… does not match the desired state's {artifact.sha256[:16]}…; "
                 "the server or a mirror serves other bytes than the control plane registered"
             )
@@ -181,7 +187,7 @@ class HttpFetcher:
                 content_range = resp.headers.get("Content-Range", "")
                 if not content_range.startswith(f"bytes {have}-"):
                     part.unlink(missing_ok=True)
-                    raise FetchError(f"{url}: asked for bytes from {have}, server answered {content_range!r}; restarting next attempt")
+                    raise WrongBytesError(f"{url}: asked for bytes from {have}, server answered {content_range!r}; restarting next attempt")
                 mode = "ab"
             else:
                 if status not in (200, 206):
@@ -189,7 +195,7 @@ class HttpFetcher:
                 have, h, mode = 0, hashlib.sha256(), "wb"  # server ignored the Range: take it from the top
             length = resp.headers.get("Content-Length")
             if length is not None and length.isdigit() and have + int(length) > artifact.size:
-                raise FetchError(
+                raise WrongBytesError(
                     f"{url}: server announces {have + int(length)} bytes, the desired state {artifact.size}; refusing"
                 )
             try:
@@ -201,7 +207,7 @@ class HttpFetcher:
                         if have + len(chunk) > artifact.size:
                             f.close()
                             part.unlink(missing_ok=True)
-                            raise FetchError(f"{url}: server sent more than the {artifact.size} bytes the desired state announced; refusing")
+                            raise WrongBytesError(f"{url}: server sent more than the {artifact.size} bytes the desired state announced; refusing")
                         f.write(chunk)
                         h.update(chunk)
                         have += len(chunk)

@@ -35,9 +35,10 @@ def _session(data_dir: Path | None, database_url: str | None) -> Iterator[Any]:
         settings = ServerSettings.from_env(data_dir=data_dir, database_url=database_url)
     except ValueError as exc:
         fail(explain(exc))
-    if settings.database_url is None and not (settings.data_dir / "edgewise.db").exists():
+    url = settings.effective_database_url  # SQLite in the data dir unless a URL (or URL template) says otherwise
+    if url.startswith("sqlite") and settings.database_url is None and not (settings.data_dir / "edgewise.db").exists():
         fail(f"no control-plane database in {settings.data_dir}: give --data-dir (or --database-url) of the server")
-    db = init_db(settings.effective_database_url)
+    db = init_db(url)
     try:
         with db.session() as session:
             yield session

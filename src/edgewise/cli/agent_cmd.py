@@ -26,6 +26,8 @@ def agent(
         None, "--tuf-root", help="The control plane's TUF root.json (copied to STATE/trust/root.json): updates are installed only as TUF-signed targets.",
     ),
     update_trust: str | None = typer.Option(None, "--update-trust", help="tuf (default) or signature-only (no TUF repository)."),
+    peer_port: int | None = typer.Option(None, "--peer-port", help="Serve verified bundles to peers on this port (0 = any free port); docs/peer-distribution.md."),
+    peer_mdns: bool | None = typer.Option(None, "--peer-mdns/--no-peer-mdns", help="Advertise and find peers by mDNS (needs the peer extra: pip install edgewise\\[peer])."),
     install: Path | None = typer.Option(None, "--install", help="Install this local bundle first (seed a device offline)."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
@@ -39,7 +41,7 @@ def agent(
         for k, v in dict(
             device_id=device_id, server_url=server, broker_url=broker, api_port=api_port,
             telemetry_interval_s=telemetry_interval, threads=threads, tags=tag or None,
-            bandwidth_mode=bandwidth, update_trust=update_trust,
+            bandwidth_mode=bandwidth, update_trust=update_trust, peer_port=peer_port, peer_mdns=peer_mdns,
         ).items()
         if v is not None
     }

@@ -71,6 +71,12 @@ def _register() -> None:
     from . import fl_cmd  # issue 8, part FL-SYSTEM
 
     app.add_typer(fl_cmd.app, name="fl")
+    from . import privacy_cmd  # issue 8, part FL2
+
+    app.add_typer(privacy_cmd.app, name="privacy")
+    from . import gateway_cmd  # issue 9, part GATEWAY
+
+    app.command("gateway")(gateway_cmd.gateway)
 
 
 _register()

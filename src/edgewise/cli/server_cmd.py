@@ -33,6 +33,13 @@ def server(
         None, "--embedded-broker-auth", help="devices (default: every device logs in with its token, fenced to its topics) or open (laptop only)."
     ),
     alert_webhook: list[str] = typer.Option([], "--alert-webhook", help="URL every alert change is POSTed to as JSON (repeatable)."),
+    role: str | None = typer.Option(
+        None, "--role", help="all (default: everything in one process), api (HTTP only), ingest (one of several workers "
+        "sharing the device stream; needs Mosquitto >= 2.0 or EMQX), engines (rollouts, alerts, FL; one holder by "
+        "database lease). See docs/scale-out.md.",
+    ),
+    worker_id: str | None = typer.Option(None, "--worker-id", help="Names this process among its role's on one host "
+                                         "(part of its MQTT client id; keep it across restarts)."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Run the control plane: REST API, dashboard, MQTT ingest, and the embedded broker unless told otherwise."""
@@ -47,8 +54,15 @@ def server(
             embedded_broker_port=mqtt_port, public_url=public_url, trust=list(trust) or None, mqtt_client_id=mqtt_client_id,
             tls_cert=tls_cert, tls_key=tls_key, insecure_http=insecure_http or None,
             mosquitto=mosquitto or None, mosquitto_port=mosquitto_port, embedded_broker_auth=embedded_broker_auth,
-            alert_webhooks=list(alert_webhook) or None,
+            alert_webhooks=list(alert_webhook) or None, role=role, worker_id=worker_id,
         )
-        run_server(settings, log_level=log_level.lower())
+        if settings.runs_api:
+            run_server(settings, log_level=log_level.lower())
+        else:
+            from ..control.roles import run_headless
+            from ..control.server import configure_logging
+
+            configure_logging(log_level.lower())
+            run_headless(settings)
     except (ControlStartError, ValueError) as exc:
         fail(f"control plane did not start: {explain(exc)}")

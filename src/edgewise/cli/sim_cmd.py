@@ -39,6 +39,12 @@ def sim(
                                   help="Split the devices over this many processes (e.g. 4 for 10,000 devices on 4 cores)."),
     first: int = typer.Option(0, "--first", min=0, hidden=True, help="(worker) index of this process's first device."),
     total: int = typer.Option(0, "--total", min=0, hidden=True, help="(worker) devices of the whole fleet."),
+    download: bool = typer.Option(False, "--download", help="Download each desired bundle (peers named in the desired state "
+                                  "first, then --server with --token) and check its sha256 before the simulated install."),
+    peers: bool = typer.Option(False, "--peers", help="Also serve downloaded bundles to the other devices (peer distribution; "
+                               "implies --download): devices report peer_url/holds and the control plane hints them."),
+    running: str | None = typer.Option(None, "--running", help="MODEL:VERSION every device runs at start (as if it kept its "
+                                       "installed model across a restart); default: none until its desired state says."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as one JSON object."),
 ) -> None:
     """Run simulated devices that register, follow desired state and send telemetry, then print what they did."""
@@ -51,6 +57,12 @@ def sim(
         mix = parse_mix(profile)
     except ValueError as exc:
         fail(str(exc))
+    initial: dict[str, str] = {}
+    if running is not None:
+        model_name, _, model_version = running.partition(":")
+        if not model_name or not model_version:
+            fail(f"--running {running!r}: use MODEL:VERSION, e.g. --running digits:1.1.0")
+        initial = {"model": model_name, "version": model_version}
     classes = [c.strip() for c in hardware.split(",") if c.strip()]
     if not classes:
         fail("--hardware names no hardware class (e.g. --hardware rpi4,x86-small)")
@@ -71,8 +83,8 @@ def sim(
         whole = max(total, first + devices)
         try:
             specs = specs_for(devices, prefix=prefix, profiles=assign(mix, whole), hardware_classes=classes, tags=tag,
-                              start=first, total=whole, telemetry_s=telemetry_s, install_s=install_s, record=record)
-            fleet = VirtualFleet(broker, server, token, specs, table, time_scale=time_scale)
+                              start=first, total=whole, telemetry_s=telemetry_s, install_s=install_s, record=record, **initial)
+            fleet = VirtualFleet(broker, server, token, specs, table, time_scale=time_scale, download=download, serve_peers=peers)
         except (ValueError, VirtualFleetError) as exc:
             fail(explain(exc))
         summary = _run_one(fleet, duration, quiet=as_json)

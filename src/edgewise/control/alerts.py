@@ -613,6 +613,7 @@ class MonitorEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tick_lock = threading.Lock()  # one round at a time: two concurrent roll_ups would count rows twice
+        self.lease: Any = None  # issue 9 SCALE: a control.lease.Lease; the loop ticks only while it is held
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="edgewise-monitor", daemon=True)
@@ -626,7 +627,8 @@ class MonitorEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.tick()
+            if self.lease is None or self.lease.held():  # else another process monitors (docs/scale-out.md)
+                self.tick()
             self._stop.wait(self.tick_s)
 
     def _step(self, what: str, fn: Callable[[Session], Any]) -> Any:

@@ -17,11 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..protocol import ArtifactRef, DesiredState, encode, topics
-from ..protocol.messages import AgentReleaseRef, ModelPlacement, ShadowTarget
+from ..protocol.messages import AgentReleaseRef, ModelPlacement, ShadowTarget, TelemetryPrivacy
 from .devices import get_device, list_devices
 from ..security.tuf_repo import TufRepoError
 from .errors import ConflictError, InvalidRequestError, NotFoundError
 from .models import Deployment, Device, ModelVersion
+from .peers import peers_for_device
 from .registry import bundle_url
 from .timeutil import utcnow
 from .tuf_service import tuf_of
@@ -52,25 +53,41 @@ def desired_state(device: Device) -> DesiredState | None:
         rollback=bool(device.desired_rollback),
         agent=AgentReleaseRef.model_validate(device.desired_agent) if device.desired_agent else None,
         capture=device.desired_capture,
+        privacy=TelemetryPrivacy.model_validate(device.desired_privacy) if device.desired_privacy else None,  # FL2 (control.privacy)
         shadow=ShadowTarget.model_validate(device.desired_shadow) if device.desired_shadow else None,  # ROLLOUT
         placements=[ModelPlacement.model_validate(p) for p in device.desired_placements or []],  # HOST (control.placements)
+        peers=peers_for_device(device),  # PEER: nearby devices that hold the artifact (control.peers)
         issued_at=device.desired_issued_at or 0.0,
     )
 
 
-def set_capture(session: Session, publisher: Publisher | None, enabled: bool | None, *,
-                device_id: str | None = None, tag: str | None = None) -> list[DesiredState]:
-    """Switch sample capture off (False), allow it (True) or leave it to each device's config (None) for one
-    device or every device carrying ``tag``: a new desired generation, published retained like a deployment."""
-    if (device_id is None) == (tag is None):
-        raise InvalidRequestError("give exactly one target: device_id or tag")
-    targets = [get_device(session, device_id)] if device_id is not None else list_devices(session, tag=tag)
-    if not targets:
-        raise NotFoundError(f"no registered device has tag {tag!r}")
+def setting_targets(session: Session, *, device_id: str | None = None, tag: str | None = None,
+                    group: str | None = None) -> list[Device]:
+    """The devices one of device id, tag or group (``control.groups``, resolved now) names: exactly one is given."""
+    if sum(x is not None for x in (device_id, tag, group)) != 1:
+        raise InvalidRequestError("give exactly one target: device_id, tag or group")
+    if device_id is not None:
+        return [get_device(session, device_id)]
+    if tag is not None:
+        devices = list_devices(session, tag=tag)
+    else:
+        from .groups import resolve
+
+        devices = resolve(session, group)  # type: ignore[arg-type]
+    if not devices:
+        raise NotFoundError(f"no registered device has tag {tag!r}" if tag is not None else f"group {group!r} holds no device now")
+    return devices
+
+
+def set_desired(session: Session, publisher: Publisher | None, targets: list[Device], column: str, value: Any,
+                what: str) -> list[DesiredState]:
+    """Record ``column = value`` in every target's desired state, as a new desired generation (an SQL increment:
+    concurrent changes never share a generation), commit, then publish each retained. Settings that are not a
+    model version (sample capture, telemetry privacy) travel exactly like deployments."""
     now = time.time()
     for device in targets:
         device.desired_generation = Device.desired_generation + 1  # type: ignore[assignment]
-        device.desired_capture = enabled
+        setattr(device, column, value)
         device.desired_issued_at = now
     session.flush()
     for device in targets:
@@ -82,9 +99,18 @@ def set_capture(session: Session, publisher: Publisher | None, enabled: bool | N
         if state is not None:
             states.append(state)
             if publisher is not None and not publish_desired(publisher, device):
-                log.warning("capture setting for %s recorded but not yet published; it goes out when the bus reconnects", device.id)
+                log.warning("%s for %s recorded but not yet published; it goes out when the bus reconnects", what, device.id)
+    return states
+
+
+def set_capture(session: Session, publisher: Publisher | None, enabled: bool | None, *,
+                device_id: str | None = None, tag: str | None = None, group: str | None = None) -> list[DesiredState]:
+    """Switch sample capture off (False), allow it (True) or leave it to each device's config (None) for one
+    device, every device carrying ``tag``, or a group's devices: a new desired generation, published retained."""
+    targets = setting_targets(session, device_id=device_id, tag=tag, group=group)
+    states = set_desired(session, publisher, targets, "desired_capture", enabled, "capture setting")
     log.info("sample capture %s for %s", {True: "allowed", False: "off", None: "per device config"}[enabled],
-             f"device {device_id}" if device_id else f"tag {tag}")
+             f"device {device_id}" if device_id else f"tag {tag}" if tag else f"group {group}")
     return states
 
 

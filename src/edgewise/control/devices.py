@@ -41,6 +41,10 @@ def ensure_device(session: Session, device_id: str, tags: Iterable[str] = ()) ->
     Creation is an insert-or-ignore so the API and the MQTT ingest thread can both
     meet a new device at the same moment without a duplicate-key error.
     """
+    with session.no_autoflush:  # a lookup: pending changes (last_seen of this batch's devices) can wait for the commit
+        known = session.get(Device, device_id)  # one primary-key read, or none when already in this session
+    if known is not None:
+        return known, False
     created = insert_ignore(
         session, Device.__table__, {"id": device_id, "tags": check_tags(tags), "registered_at": utcnow()}
     )

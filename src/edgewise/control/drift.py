@@ -695,6 +695,7 @@ class DriftWatch:
         self._pending: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        self.lease: Any = None  # issue 9 SCALE: a control.lease.Lease; only its holder judges (several ingest workers)
 
     def add(self, session: Session, rec: Any, corrected_ts: float | None, now: datetime) -> set[tuple[str, str]]:
         """Store ``rec.sketch`` (a Summary's or Telemetry's), if any; the model version it counted for."""
@@ -711,6 +712,8 @@ class DriftWatch:
     def after_commit(self, session: Session, keys: Iterable[tuple[str, str]], now: datetime) -> None:
         """Schedule a judgement of the model versions in ``keys`` that were not judged within ``interval_s``."""
         mono = time.monotonic()
+        if self.lease is not None and not self.lease.held():
+            return  # another ingest worker judges the fleet (docs/scale-out.md)
         with self._lock:
             for key in keys:
                 last = self._last.get(key)

@@ -137,7 +137,7 @@ class _Base:
 
     def __init__(self, bundle: Any, layer: Any, proto: Any) -> None:
         self.bundle, self.layer, self.proto = bundle, layer, proto
-        self.features: np.ndarray | None = None
+        self.features: dict[str, np.ndarray] = {}  # evaluation-set tensors by name: the head's input, the chain's input
         self.labels: np.ndarray | None = None
 
 
@@ -159,9 +159,16 @@ def _load_base(session: Session, registry: Any, model: str, version: str) -> _Ba
     return _Base(vb, layer, proto)
 
 
-def head_weights(base: _Base) -> dict[str, np.ndarray]:
+def head_weights(base: _Base, layers: str = "head") -> dict[str, np.ndarray]:
     from ..data.adapt._graph import initializer_array
 
+    if layers == "all":  # every layer of the dense/ReLU chain that ends in the head (learn.mlp; devices train them all)
+        from ..learn.mlp import ChainError, chain_weights, mlp_chain
+
+        try:
+            return chain_weights(base.proto, mlp_chain(base.proto))
+        except ChainError as exc:
+            raise InvalidRequestError(f'recipe layers = "all": {exc}') from None
     return {base.layer.weight: initializer_array(base.proto, base.layer.weight), base.layer.bias: initializer_array(base.proto, base.layer.bias)}
 
 
@@ -182,9 +189,11 @@ def load_eval_set(name: str) -> tuple[np.ndarray, np.ndarray]:
         raise InvalidRequestError(f"eval_set {name!r}: use \"digits\" or an .npz on the control plane with arrays x and y ({exc})") from None
 
 
-def _eval_features(base: _Base, eval_set: str) -> tuple[np.ndarray, np.ndarray]:
-    """The head's input on the evaluation set (preprocessed as on the device), computed once per base model."""
-    if base.features is None:
+def _eval_features(base: _Base, eval_set: str, at: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The head's input (or tensor ``at``: the chain's input with layers = "all") on the evaluation set (preprocessed as
+    on the device), computed once per base model and tensor."""
+    at = at or base.layer.input
+    if at not in base.features:
         from ..data.adapt._graph import batches, expose, graph_inputs, session
 
         x, y = load_eval_set(eval_set)
@@ -193,16 +202,25 @@ def _eval_features(base: _Base, eval_set: str) -> tuple[np.ndarray, np.ndarray]:
             x = m.preprocessing.apply(x)
         first = graph_inputs(base.proto)[0]
         dtype = next((i.dtype for i in m.model.inputs if i.name == first), "float32")
-        sess = session(expose(base.proto, [base.layer.input]))
-        parts = [np.asarray(sess.run([base.layer.input], p)[0], dtype=np.float64).reshape(len(p[first]), -1)
-                 for p in batches({first: np.asarray(x).astype(dtype)}, 512)]
-        base.features, base.labels = np.concatenate(parts), y
+        if at == first:  # the chain starts at the graph's input
+            base.features[at] = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        else:
+            sess = session(expose(base.proto, [at]))
+            base.features[at] = np.concatenate([np.asarray(sess.run([at], p)[0], dtype=np.float64).reshape(len(p[first]), -1)
+                                                for p in batches({first: np.asarray(x).astype(dtype)}, 512)])
+        base.labels = y
     assert base.labels is not None
-    return base.features, base.labels
+    return base.features[at], base.labels
 
 
 def accuracy(base: _Base, weights: dict[str, np.ndarray], eval_set: str) -> float:
     """Top-1 accuracy of the base model with head ``weights`` (argmax of the head's logits: the head feeds a softmax)."""
+    if set(weights) != {base.layer.weight, base.layer.bias}:  # layers = "all": forward through the whole chain
+        from ..learn.mlp import forward, mlp_chain
+
+        chain = mlp_chain(base.proto)
+        x, y = _eval_features(base, eval_set, chain[0].input)
+        return float((forward(chain, weights, x).argmax(axis=1) == y).mean()) if len(y) else 0.0
     x, y = _eval_features(base, eval_set)
     w = weights[base.layer.weight].astype(np.float64)
     logits = x @ (w.T if base.layer.trans_b else w) + weights[base.layer.bias].astype(np.float64).reshape(-1)
@@ -229,7 +247,7 @@ def create_job(session: Session, registry: Any, spec: FLJobSpec, *, created_by: 
     """Check the spec against the registry (the base version exists and has a trainable head; the eval set loads)
     and record the job; the engine opens its first round at its next tick."""
     base = _load_base(session, registry, spec.model, spec.base_version)
-    weights = head_weights(base)
+    weights = head_weights(base, spec.recipe.layers)
     base_acc = accuracy(base, weights, spec.eval_set)
     eligible = population(session, spec)  # an unknown group is a 404 now, not a failed job later
     z = None
@@ -420,6 +438,7 @@ class FLEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.lease: Any = None  # issue 9 SCALE: a control.lease.Lease; the loop ticks only while it is held
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="edgewise-fl", daemon=True)
@@ -432,6 +451,8 @@ class FLEngine:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.tick_s):
+            if self.lease is not None and not self.lease.held():
+                continue  # another process runs the federated rounds (docs/scale-out.md)
             try:
                 self.tick()
             except Exception:

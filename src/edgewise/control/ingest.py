@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..protocol import Batch, DeviceState, Event, ProtocolError, Sample, Summary, Telemetry, decode_for_topic, topics
@@ -26,6 +27,7 @@ from .alerts import raise_from_event
 from .db import Database, insert_ignore
 from .deployments import Publisher, publish_desired
 from .devices import TAG_MAX, ensure_device
+from .peers import directory as peer_directory
 from .drift import DriftWatch
 from .samples import sample_values
 from .models import Device, EventRow, SummaryRow, TelemetryRow
@@ -160,12 +162,17 @@ class Ingest:
         re-sending a desired state, scheduling a drift judgement)."""
         after: list[Callable[[], None]] = []
         with self.db.session() as session:
+            # the batch's known devices in one query: each message's ensure_device() then finds its device in the
+            # session's identity map instead of reading it
+            ids = {msg.device_id for _t, msg in decoded}
+            known = list(session.scalars(select(Device).where(Device.id.in_(ids))))  # held: the identity map is weak
             for _topic, msg in decoded:
                 if isinstance(msg, DeviceState):
                     after.append(self._on_state(session, msg))
                 else:
                     after.append(self._on_records(session, msg))
             session.commit()
+            del known
         for fn in after:
             try:
                 fn()
@@ -194,10 +201,12 @@ class Ingest:
         device.last_state_at = now
         if msg.status != "offline":  # an offline state is the broker speaking (last will), not the device
             device.last_seen = now
-        session.flush()
+
+        peer_tags = list(device.tags or [])
 
         def after() -> None:
             self._count(states=1)
+            peer_directory.record(msg, tags=peer_tags)  # who serves which bundles to nearby devices (control.peers)
             if created:
                 log.info("device %s registered itself (tags: %s)", device.id, ", ".join(device.tags) or "none")
             if self._lacks_desired(device, msg):
@@ -274,7 +283,6 @@ class Ingest:
             else:
                 dupes += 1
         device.last_seen = now
-        session.flush()
 
         def after() -> None:
             self._count(telemetry_rows=stored_t, event_rows=stored_e, summary_rows=stored_s, sample_rows=stored_x, duplicates=dupes)

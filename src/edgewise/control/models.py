@@ -55,6 +55,8 @@ class Device(Base):
     # agent last reported of them (DeviceState.hosted).
     desired_placements: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None, nullable=True)
     hosted: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None, nullable=True)
+    # Telemetry privacy for this device (protocol TelemetryPrivacy as JSON; migration 0015, issue 8 FL2); None: off.
+    desired_privacy: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None, nullable=True)
     last_update: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     api_url: Mapped[str | None] = mapped_column(String(512), default=None)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -716,3 +718,17 @@ class FLDeviceKey(Base):
     public_key: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(16))
     pinned_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# -- issue 9, part SCALE: leases (one engines holder per fleet; see control/lease.py, docs/scale-out.md) ----------
+
+
+class LeaseRow(Base):
+    """Who runs a once-per-fleet job (``engines``, ``drift-judge``) until when. Taken and renewed by one conditional
+    UPDATE (``WHERE holder = me OR expires_at < now``), so it works the same on SQLite and PostgreSQL."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

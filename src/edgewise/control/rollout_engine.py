@@ -62,6 +62,7 @@ class RolloutEngine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one tick at a time (the loop and a test or API call)
         self.ticks = 0
+        self.lease = None  # issue 9 SCALE: a control.lease.Lease; the loop ticks only while it is held
 
     def start(self) -> None:
         if self._thread is not None:
@@ -78,6 +79,8 @@ class RolloutEngine:
 
     def _run(self) -> None:
         while not self._stop.wait(self.tick_s):
+            if self.lease is not None and not self.lease.held():
+                continue  # another process runs the rollouts (docs/scale-out.md)
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - the loop must survive a bad tick (logged with its traceback)

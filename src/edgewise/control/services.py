@@ -24,6 +24,7 @@ from .settings import ServerSettings
 from .tuf_service import TufService
 
 if TYPE_CHECKING:
+    from .lease import Lease
     from .alerts import MonitorEngine
     from .rollout_engine import RolloutEngine
     from .fl import FLEngine
@@ -52,6 +53,7 @@ class ControlServices:
     rollouts: "RolloutEngine | None" = None  # staged rollouts (part ROLLOUT): started last, stopped first
     monitor: "MonitorEngine | None" = None  # series rollups, retention, alert rules, webhooks (part MONITOR)
     fl: "FLEngine | None" = None  # federated-learning rounds (issue 8, part FL-SYSTEM; control.fl)
+    leases: "list[Lease] | None" = None  # issue 9 SCALE: engines + drift-judge leases held (or sought) by this process
 
     @classmethod
     def open(cls, settings: ServerSettings) -> "ControlServices":
@@ -64,6 +66,10 @@ class ControlServices:
             trusted = TrustedKeys.from_paths(settings.trust)
         except KeyFileError as exc:
             raise ControlStartError(f"cannot load a trusted key: {exc}") from None
+        try:
+            settings.check_role()
+        except ValueError as exc:
+            raise ControlStartError(str(exc)) from None
         if len(trusted) == 0:
             log.warning("no trusted keys configured (--trust): bundle uploads will be refused")
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -74,13 +80,26 @@ class ControlServices:
         broker: EmbeddedBroker | None = None
         tuf: TufService | None = None
         mosquitto: ManagedMosquitto | None = None
+        from .lease import DRIFT_JUDGE, ENGINES, Lease
+
+        lease_options: dict[str, object] = {"ttl_s": settings.lease_ttl_s, "renew_s": settings.lease_renew_s}
+        if settings.role == "all":  # a restarted single process takes its own lease back at once, not after the TTL
+            import socket
+
+            lease_options["holder"] = f"{socket.gethostname()}:{settings.role_client_id}"
+        engines_lease = Lease(db, ENGINES, **lease_options) if settings.runs_engines else None  # type: ignore[arg-type]
+        judge_lease = Lease(db, DRIFT_JUDGE, **lease_options) if settings.runs_ingest else None  # type: ignore[arg-type]
+        leases = [x for x in (engines_lease, judge_lease) if x is not None]
         try:
-            with db.session() as session:
-                bootstrap(session, settings.data_dir)  # first start: user admin + <data_dir>/admin.token
+            if settings.runs_api:  # ingest workers and the engines process need no admin (issue 9 SCALE)
+                _bootstrap(db, settings)
+            for lease in leases:
+                lease.start()
             registry = Registry(settings.bundles_dir, trusted, max_upload_bytes=settings.max_upload_bytes)
-            tuf = _open_tuf(settings, db)
+            tuf = _open_tuf(settings, db, engines_lease)
             registry.tuf = tuf
             ingest = Ingest(db)
+            ingest.drift.lease = judge_lease
             ca = _open_ca(settings)
             bus_options: dict[str, object] = {}
             access: BrokerAccess | None = None
@@ -106,13 +125,17 @@ class ControlServices:
                 _republish(db, bus)
 
             bus = MqttBus(
-                broker_url, ingest.handle, on_batch=ingest.handle_many, on_connected=republish,
-                client_id=settings.effective_mqtt_client_id, persistent=True, **bus_options,  # type: ignore[arg-type]
+                broker_url, ingest.handle, on_batch=ingest.handle_many if settings.runs_ingest else None,
+                on_connected=republish if settings.runs_engines else None,
+                **_role_bus_options(settings), **bus_options,  # type: ignore[arg-type]
             )
             services = cls(settings, db, registry, ingest, bus, broker, broker_url, tuf, provisioning, mosquitto)
+            services.leases = leases
             ingest.publisher = bus
             bus.start()
         except BaseException:
+            for lease in leases:
+                lease.stop()
             if tuf is not None:
                 tuf.stop()
             if broker is not None:
@@ -123,9 +146,18 @@ class ControlServices:
             raise
         if not bus.wait_connected(BUS_CONNECT_WAIT_S):
             log.warning("MQTT broker %s not reachable yet; the API runs and the bus keeps retrying", bus.display_url)
+            if settings.role == "ingest":
+                log.warning("an ingest worker speaks MQTT v5 for shared subscriptions: if %s is an amqtt broker (the "
+                            "embedded one of another control plane), it never answers; use Mosquitto >= 2.0 or EMQX",
+                            bus.display_url)
+        if not settings.runs_engines:
+            log.info("role %s: the rollout, monitor and federated-learning engines run in the engines process",
+                     settings.role)
+            return services
         from .rollout_engine import RolloutEngine
 
         services.rollouts = RolloutEngine(db, bus, tick_s=settings.rollout_tick_s)
+        services.rollouts.lease = engines_lease
         services.rollouts.start()
         from .alerts import MonitorEngine
 
@@ -134,10 +166,12 @@ class ControlServices:
             rollup_retention=settings.rollup_retention, webhooks=settings.alert_webhooks,
             ingest_messages=lambda: ingest.stats().messages,
         )
+        services.monitor.lease = engines_lease
         services.monitor.start()
         from .fl import FLEngine
 
         services.fl = FLEngine(db, bus, registry, signing_key=settings.fl_signing_key, tick_s=settings.fl_tick_s)
+        services.fl.lease = engines_lease
         services.fl.start()
         return services
 
@@ -152,6 +186,8 @@ class ControlServices:
         if self.tuf is not None:
             self.tuf.stop()
         self.bus.stop()
+        for lease in self.leases or []:  # released: another process takes over at its next renewal
+            lease.stop()
         if self.broker is not None:
             self.broker.stop()
         if self.mosquitto is not None:
@@ -159,8 +195,9 @@ class ControlServices:
         self.db.dispose()
 
 
-def _open_tuf(settings: ServerSettings, db: Database) -> TufService:
-    """The TUF repository (created on first start), its targets for every stored bundle, its refresher running."""
+def _open_tuf(settings: ServerSettings, db: Database, lease: "Lease | None" = None) -> TufService:
+    """The TUF repository (created on first start), its targets for every stored bundle, its refresher running
+    where the engines run (re-signing only while ``lease`` is held; issue 9 SCALE)."""
     from datetime import timedelta
 
     from ..security.tuf_repo import Expiry, TufRepoError
@@ -176,12 +213,47 @@ def _open_tuf(settings: ServerSettings, db: Database) -> TufService:
             expiry=expiry, online_keys=settings.tuf_online_keys, refresh_interval_s=settings.tuf_refresh_interval_s,
         )
         db.sessionmaker.configure(info={SESSION_KEY: tuf})  # deploy() names (and signs rollback) targets through it
-        with db.session() as session:
-            tuf.backfill(session)
+        if settings.runs_engines:  # the process that re-signs TUF metadata; not every API and ingest process at once
+            with db.session() as session:
+                tuf.backfill(session)
     except (TufRepoError, OSError) as exc:
         raise ControlStartError(f"cannot open the TUF repository in {settings.data_dir / 'tuf'}: {exc}") from exc
-    tuf.start()
+    if settings.runs_engines:
+        tuf.lease = lease
+        tuf.start()
     return tuf
+
+
+def _role_bus_options(settings: ServerSettings) -> dict[str, object]:
+    """How this role's bus connects (issue 9 SCALE, docs/scale-out.md).
+
+    ``all``: today's subscriptions under one persistent session. ``ingest``: the same topics as MQTT v5 shared
+    subscriptions (``$share/<group>/...``, the broker hands each message to one worker of the group), MQTT v5 also
+    on plain mqtt://, a persistent session of its own. ``api`` and ``engines``: publish only, no session to keep.
+    """
+    from ..protocol import topics
+
+    if settings.role == "all":
+        return {"client_id": settings.role_client_id, "persistent": True}
+    if settings.role == "ingest":
+        import paho.mqtt.client as paho
+
+        shared = tuple(f"$share/{settings.ingest_group}/{t}" for t in topics.CONTROL_SUBSCRIPTIONS)
+        return {"client_id": settings.role_client_id, "persistent": True, "subscriptions": shared,
+                "protocol": paho.MQTTv5}
+    return {"client_id": settings.role_client_id, "persistent": False, "subscriptions": ()}
+
+
+def _bootstrap(db: Database, settings: ServerSettings) -> None:
+    """First start: user admin + <data_dir>/admin.token. Several API processes starting at once on an empty
+    database: one creates the admin, the others find it (their insert loses on the unique name)."""
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with db.session() as session:
+            bootstrap(session, settings.data_dir)
+    except IntegrityError:
+        log.info("another control-plane process created the first admin at the same moment; using theirs")
 
 
 def _republish(db: Database, bus: MqttBus) -> None:

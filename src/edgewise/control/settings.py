@@ -7,6 +7,7 @@ and explicit keyword arguments (what the CLI passes) win over them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +17,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ENV_PREFIX = "EDGEWISE_"
+# Tests and development only: a database URL with "{key}", one database per data dir (created if missing).
+DATABASE_URL_TEMPLATE_ENV = "EDGEWISE_DATABASE_URL_TEMPLATE"
 # Env var suffix -> field name. Lists (trust) are separated by os.pathsep, like PATH.
 _ENV_FIELDS = {
     "DATA_DIR": "data_dir",
@@ -45,7 +48,17 @@ _ENV_FIELDS = {
     "ROLLUP_RETENTION": "rollup_retention",
     "METRICS_TOKEN": "metrics_token",
     "ALERT_WEBHOOKS": "alert_webhooks",  # space- or comma-separated URLs
+    "MONITOR_TICK_S": "monitor_tick_s",
+    "TUF_ONLINE_KEYS": "tuf_online_keys",
+    "TUF_REFRESH_INTERVAL_S": "tuf_refresh_interval_s",
+    # issue 9 SCALE (docs/scale-out.md)
+    "ROLE": "role",
+    "WORKER_ID": "worker_id",
+    "INGEST_GROUP": "ingest_group",
+    "LEASE_TTL_S": "lease_ttl_s",
+    "LEASE_RENEW_S": "lease_renew_s",
 }
+ROLES = ("all", "api", "ingest", "engines")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -62,9 +75,9 @@ class ServerSettings(BaseModel):
     broker_url: str | None = Field(
         default=None, description="mqtt://[user:pass@]host:port of an external broker; None starts the embedded amqtt broker."
     )
-    embedded_broker_host: str = "127.0.0.1"
+    embedded_broker_host: str = Field(default="127.0.0.1", description="Address the embedded broker listens on.")
     embedded_broker_port: int = Field(default=1883, ge=0, le=65535, description="0 picks a free port.")
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on (non-loopback needs TLS or insecure_http).")
     port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port (ControlPlane only).")
     public_url: str | None = Field(
         default=None, description="Base URL devices download artifacts from; default http://{host}:{port}."
@@ -73,7 +86,7 @@ class ServerSettings(BaseModel):
         default_factory=list,
         description="Public keys (files or directories of .pub/.pem) that uploaded bundles must be signed by.",
     )
-    max_upload_mb: float = Field(default=512.0, gt=0)
+    max_upload_mb: float = Field(default=512.0, gt=0, description="Largest bundle or release upload accepted, in MiB.")
     mqtt_client_id: str | None = Field(
         default=None,
         description="The bus's MQTT client id. It keeps a persistent session, so an external broker queues what "
@@ -107,8 +120,8 @@ class ServerSettings(BaseModel):
         default=False, description="Run and manage a Mosquitto broker with mutual TLS (config written to "
         "{data_dir}/mosquitto) instead of the embedded one.",
     )
-    mosquitto_host: str = "127.0.0.1"
-    mosquitto_port: int = Field(default=8883, ge=1, le=65535)
+    mosquitto_host: str = Field(default="127.0.0.1", description="Address the managed Mosquitto listens on.")
+    mosquitto_port: int = Field(default=8883, ge=1, le=65535, description="TLS port of the managed Mosquitto.")
     device_broker_url: str | None = Field(
         default=None, description="Broker URL enrollment hands to devices; default: the managed Mosquitto, the "
         "external broker_url, or the embedded broker on the public URL's host.",
@@ -137,6 +150,26 @@ class ServerSettings(BaseModel):
     metrics_token: str | None = Field(
         default=None, description="A bearer token Prometheus may scrape GET /metrics with (besides any viewer token).",
     )
+
+    # -- scale-out (issue 9 SCALE; see docs/scale-out.md) --
+    role: Literal["all", "api", "ingest", "engines"] = Field(
+        default="all", description="What this process runs: all (one machine), api (HTTP only: publishes desired "
+        "states, subscribes to nothing), ingest (one of several workers sharing the device stream through MQTT v5 "
+        "shared subscriptions), engines (rollouts, monitor, federated rounds, TUF refresh; one holder per fleet by lease).",
+    )
+    worker_id: str | None = Field(
+        default=None, description="Names this process among others of its role on one host: part of its MQTT client "
+        "id (edgewise-<role>-<host>-<worker_id>), which must stay the same across restarts for an ingest worker's "
+        "persistent session. Default: the host name alone.",
+    )
+    ingest_group: str = Field(
+        default="edgewise-ingest", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Shared-subscription group of the ingest workers: they subscribe to $share/<group>/edgewise/devices/+/...",
+    )
+    lease_ttl_s: float = Field(default=15.0, gt=0, description="How long the engines lease lasts without renewal: "
+                               "another process takes over at most this (plus lease_renew_s) after the holder died.")
+    lease_renew_s: float = Field(default=5.0, gt=0, description="How often the lease holder renews (and the others "
+                                 "try to take over); must be shorter than lease_ttl_s.")
 
     @field_validator("raw_retention", "rollup_retention", mode="before")
     @classmethod
@@ -218,7 +251,16 @@ class ServerSettings(BaseModel):
 
     @property
     def effective_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'edgewise.db'}"
+        """``database_url``; else ``$EDGEWISE_DATABASE_URL_TEMPLATE`` with ``{key}`` replaced by a hash of the
+        data dir (one database per data dir: how the test suite runs every control plane on PostgreSQL,
+        docs/scale-out-postgres.md); else SQLite in the data dir."""
+        if self.database_url:
+            return self.database_url
+        template = os.environ.get(DATABASE_URL_TEMPLATE_ENV)
+        if template:
+            key = hashlib.sha256(str(Path(self.data_dir).resolve()).encode()).hexdigest()[:20]
+            return template.replace("{key}", key)
+        return f"sqlite:///{self.data_dir / 'edgewise.db'}"
 
     @property
     def embedded_broker(self) -> bool:
@@ -249,6 +291,53 @@ class ServerSettings(BaseModel):
         if self.mqtt_client_id:
             return self.mqtt_client_id
         return "edgewise-control-" + hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
+
+    @property
+    def runs_api(self) -> bool:
+        return self.role in ("all", "api")
+
+    @property
+    def runs_ingest(self) -> bool:
+        return self.role in ("all", "ingest")
+
+    @property
+    def runs_engines(self) -> bool:
+        return self.role in ("all", "engines")
+
+    @property
+    def role_client_id(self) -> str:
+        """The bus's MQTT client id for this role: ``all`` keeps ``effective_mqtt_client_id``; the others are
+        ``edgewise-<role>-<host>[-<worker_id>]`` unless ``mqtt_client_id`` says otherwise. Two live processes must never
+        share one (the broker would disconnect one whenever the other connects)."""
+        import socket
+
+        if self.role == "all" or self.mqtt_client_id:
+            return self.effective_mqtt_client_id
+        name = f"edgewise-{self.role}-{socket.gethostname()}" + (f"-{self.worker_id}" if self.worker_id else "")
+        if self.role != "ingest":  # no persistent session to find again: one id per process
+            import os
+
+            name += f"-{os.getpid()}"
+        return name[:128]
+
+    def check_role(self) -> None:
+        """Refuse a split role on a broker that lives inside one process and cannot share a stream."""
+        if self.lease_renew_s >= self.lease_ttl_s:
+            raise ValueError(f"lease_renew_s ({self.lease_renew_s}) must be shorter than lease_ttl_s ({self.lease_ttl_s})")
+        if self.role == "all":
+            return
+        if self.embedded_broker:
+            raise ValueError(
+                f"--role {self.role} runs one of several control-plane processes that share one broker: give --broker-url "
+                "mqtt(s)://host:port of a Mosquitto (2.0 or newer) or EMQX broker. The embedded amqtt broker lives inside "
+                "one process and does not support MQTT v5 shared subscriptions, so several ingest workers cannot share its "
+                "stream; for a single process use --role all"
+            )
+        if self.mosquitto:
+            raise ValueError(
+                f"--role {self.role} with --mosquitto: a managed Mosquitto lives and dies with one process; run Mosquitto "
+                "(or EMQX) as its own service and point every role at it with --broker-url (docs/scale-out.md)"
+            )
 
     @property
     def bundles_dir(self) -> Path:

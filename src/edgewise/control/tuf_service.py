@@ -98,6 +98,7 @@ class TufService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_refresh_error: str | None = None
+        self.lease: Any = None  # issue 9 SCALE: a control.lease.Lease; the refresher re-signs only while it is held
 
     @classmethod
     def open(
@@ -207,7 +208,8 @@ class TufService:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.refresh_interval_s):
-            self.refresh_once()
+            if self.lease is None or self.lease.held():  # else another process re-signs (docs/scale-out.md)
+                self.refresh_once()
 
     def stop(self) -> None:
         self._stop.set()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -104,6 +104,44 @@ class HostedModel(BaseModel):
     rss_mb: float | None = None
 
 
+class TelemetryPrivacy(BaseModel):
+    """How a device privatizes the telemetry aggregates that could identify a user (class and confidence histograms
+    of Summary and of the drift sketch) before they leave it: local differential privacy with ``edgewise.learn.dp``'s
+    mechanisms and a per-device budget per UTC day (issue 8 FL2; docs/learn.md "Privacy of telemetry")."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mechanism: Literal["laplace", "gaussian", "randomized_response"] = Field(
+        description="laplace: Laplace noise on every bin (ε-DP); gaussian: Gaussian noise ((ε, δ)-DP, needs ε < 1); "
+        "randomized_response: every counted prediction's class/bin is randomized (ε-local-DP per prediction).",
+    )
+    epsilon_per_report: float = Field(gt=0, description="ε one report (one Summary or Telemetry record) spends, split over its histograms.")
+    budget_per_day: float = Field(gt=0, description="ε a device may spend per UTC day; when spent, the histograms are left out, never sent raw.")
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="δ of one report (gaussian only).")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "TelemetryPrivacy":
+        if self.epsilon_per_report > self.budget_per_day:
+            raise ValueError(f"epsilon_per_report ({self.epsilon_per_report}) is over budget_per_day ({self.budget_per_day}): "
+                             "no report could ever be sent; lower epsilon_per_report or raise the daily budget")
+        if self.mechanism == "gaussian" and self.epsilon_per_report >= 1:
+            raise ValueError("the gaussian mechanism (classic calibration) needs epsilon_per_report < 1; use laplace for larger ε")
+        return self
+
+
+class ReportPrivacy(BaseModel):
+    """What a device did to the histograms of one Summary/Telemetry record (None on the record: sent as counted)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mechanism: str
+    epsilon: float = Field(default=0.0, ge=0, description="ε this record spent (0: left out, or nothing to privatize).")
+    delta: float = 0.0
+    histograms: int = Field(default=0, ge=0, description="How many histograms the ε was split over.")
+    num_classes: int | None = Field(default=None, description="Class domain used (randomized_response: k, to unbias on the server).")
+    left_out: bool = Field(default=False, description="True: the day's budget was spent, the histograms were left out (empty).")
+
+
 class DesiredState(_Message):
     """Retained on ``devices/{id}/desired``: what the device should be running."""
 
@@ -135,6 +173,14 @@ class DesiredState(_Message):
     )
     placements: list[ModelPlacement] = Field(
         default_factory=list, description="Models to host besides the primary one (issue 7). Older agents ignore it.",
+    )
+    peers: list[str] = Field(
+        default_factory=list, max_length=16,
+        description="Base URLs of nearby devices that reported holding the artifact (peer distribution, issue 9): the agent "
+        "may fetch it from them first; the signed target still decides what is installed. Older agents ignore it.",
+    )
+    privacy: TelemetryPrivacy | None = Field(
+        default=None, description="Privatize telemetry histograms on the device (issue 8 FL2); None: sent as counted. Older agents ignore it.",
     )
     issued_at: float = 0.0
 
@@ -184,6 +230,10 @@ class DeviceState(_Message):
     tags: list[str] = Field(default_factory=list, description="Tags from the device's config; applied on first registration.")
     api_url: str | None = Field(default=None, description="The device's local API, for operators on the same host/LAN.")
     hosted: list[HostedModel] = Field(default_factory=list, description="Placed models besides the primary one, and how each is doing.")
+    peer_url: str | None = Field(default=None, description="Where this device serves verified bundles to its peers (None: it does not).")
+    holds: list[str] = Field(
+        default_factory=list, max_length=64, description="sha256 of the verified bundles this device serves at peer_url (issue 9).",
+    )
     ts: float = 0.0
 
 
@@ -219,6 +269,9 @@ class Telemetry(_Message):
         default_factory=dict,
         description="Input values repaired by the bundle's preprocessing, cumulative since the agent started, by "
         "'<step>/<feature>' (e.g. 'impute/3': NaNs filled in feature 3). Older agents send none.",
+    )
+    privacy: ReportPrivacy | None = Field(
+        default=None, description="The sketch's class and confidence histograms were privatized on the device (issue 8 FL2); None: as counted.",
     )
 
 
@@ -307,6 +360,9 @@ class Summary(_Message):
     temperature_c: float | None = Field(default=None, description="SoC temperature where the device exposes one.")
     repairs: dict[str, int] = Field(
         default_factory=dict, description="Input values repaired by the bundle's preprocessing in this window, by '<step>/<feature>'.",
+    )
+    privacy: ReportPrivacy | None = Field(
+        default=None, description="classes/confidence_hist (and the sketch's) were privatized on the device (issue 8 FL2); None: as counted.",
     )
 
 

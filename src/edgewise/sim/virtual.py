@@ -33,6 +33,7 @@ time; ``time_scale=10`` runs it ten times faster than the wall clock.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import resource
@@ -43,7 +44,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import msgpack
 import paho.mqtt.client as mqtt
@@ -68,6 +69,9 @@ RECONNECT_BASE_S, RECONNECT_CAP_S = 0.2, 5.0
 PUBACK_TIMEOUT_S = 10.0  # a batch not acknowledged by then is sent again
 BATCH_MAX_RECORDS = 500
 AGENT_VERSION = f"{__version__}+sim"
+PEER_TIMEOUT_S, SERVER_TIMEOUT_S = 3.0, 120.0  # as the agent's peer_timeout_s: a slow peer falls back to the server
+PEER_MAX_TRANSFERS = 4  # per simulated device, as the agent's peer server (503 beyond)
+FETCH_ATTEMPTS, FETCH_BACKOFF_S = 5, 1.0  # a download is retried 4 times, full jitter up to 2, 4, 8, 16 s
 
 HARDWARE_CLASSES: dict[str, dict[str, Any]] = {
     "rpi4": {"arch": "aarch64", "cores": 4, "ram_mb": 4096, "isa": ["neon", "asimd"], "disk_mb": 32_000},
@@ -175,6 +179,8 @@ class VirtualDevice:
         self._wake = asyncio.Event()
         self._attempt = 0
         self._next_connect = 0.0
+        self.holds: list[str] = []  # sha256 of the bundles it downloaded (VirtualFleet(download=True))
+        self.serving = 0  # peer transfers in progress
 
     # -- what it reports ---------------------------------------------------------------------------
 
@@ -188,6 +194,7 @@ class VirtualDevice:
             device_id=self.id, status=status or ("updating" if self.updating else "online"),  # type: ignore[arg-type]
             model=self.model, version=self.version, generation=self.generation, last_update=self.last_update,
             agent_version=AGENT_VERSION, hardware=self.hardware(), tags=list(self.spec.tags), ts=time.time(),
+            peer_url=self.fleet.peer_url(self.id), holds=self.holds[-64:] if self.fleet.peer_port else [],
         )
 
     def sim_elapsed(self) -> float:
@@ -415,6 +422,12 @@ class VirtualDevice:
             return
         self.updating = True
         self._publish(topics.state(self.id), _encode(self.state()), retain=True)
+        if self.fleet.download and d.artifact is not None and not await self.fleet.fetch(d):
+            self.updating = False
+            self.failed_generation = gen
+            self._record(UpdateResult(generation=gen, model=d.model, version=d.version, result="failed", at=time.time(),
+                                      reason="download failed from every peer and the control plane (simulated fetch)"))
+            return
         await asyncio.sleep(self.spec.install_s / self.fleet.time_scale)
         self.updating = False
         if self._desired is not None and self._desired.generation > gen:
@@ -430,6 +443,8 @@ class VirtualDevice:
                                       at=time.time()))
             return
         self.model, self.version, self.generation, self.failed_generation = d.model, d.version, gen, None
+        if self.fleet.download and d.artifact is not None and d.artifact.sha256 not in self.holds:
+            self.holds.append(d.artifact.sha256)
         if d.version is not None and (self.highest is None or semver_key(d.version) > semver_key(self.highest)):
             self.highest = d.version
         self._record(UpdateResult(generation=gen, model=d.model, version=d.version, result="ok", at=time.time()))
@@ -533,6 +548,8 @@ class VirtualFleet:
         device_auth: bool | None = None,
         seq_base: int | None = None,
         track_seqs: bool = False,
+        download: bool = False,
+        serve_peers: bool = False,
     ) -> None:
         u = urlsplit(broker_url)
         if u.scheme not in ("mqtt", "tcp") or not u.hostname:
@@ -559,6 +576,16 @@ class VirtualFleet:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        # download-cost model: fetch each desired artifact (peers named in DesiredState.peers first, then the control
+        # plane with the operator token) and check its sha256; serve_peers: serve what a device holds to the others
+        self.download, self.serve_peers = download or serve_peers, serve_peers
+        if self.download and not control_url:
+            raise VirtualFleetError("download=True needs the control plane URL (edgewise sim --server URL --token TOKEN)")
+        self.held: dict[str, bytes] = {}  # sha256 -> bundle bytes: one copy per process, whichever device holds it
+        self.peer_port: int | None = None
+        self.downloads: dict[str, int] = {"from_peer": 0, "from_server": 0, "peer_errors": 0, "server_errors": 0, "retries": 0,
+                                          "failed": 0, "bytes": 0}
+        self.http: Any = None
 
     # -- public API (any thread) -----------------------------------------------------------------
 
@@ -679,7 +706,7 @@ class VirtualFleet:
                 "records": sum(d.stats.records for d in ds), "acked": sum(d.stats.acked for d in ds),
                 "pending": sum(len(d.outbox) for d in ds), "batches": sum(d.stats.batches for d in ds),
                 "resent": sum(d.stats.resent for d in ds), "connects": sum(d.stats.connects for d in ds),
-                "updates": updates, "refused_connections": self.refused,
+                "updates": updates, "refused_connections": self.refused, "downloads": dict(self.downloads),
             }
         return self.call(collect)
 
@@ -697,6 +724,13 @@ class VirtualFleet:
                 dev = VirtualDevice(spec, self, self.seq_base)
                 dev.password = passwords.get(spec.device_id)
                 self.devices[spec.device_id] = dev
+            if self.download:
+                import httpx
+
+                self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=32), follow_redirects=True)  # per process
+            if self.serve_peers:
+                server = self.loop.run_until_complete(asyncio.start_server(self._serve_peer, "127.0.0.1", 0))
+                self.peer_port = server.sockets[0].getsockname()[1]
             for dev in self.devices.values():
                 self.spawn(dev.run())
             self.spawn(self._misc())
@@ -729,6 +763,71 @@ class VirtualFleet:
         await asyncio.sleep(0.05)
         for task in list(self._tasks):
             task.cancel()
+        if self.http is not None:
+            await self.http.aclose()
+
+    # -- download-cost model and peer serving (issue 9) ------------------------------------------
+
+    def peer_url(self, device_id: str) -> str | None:
+        """Where ``device_id`` serves bundles: this process's peer server, under the device's id."""
+        return f"http://127.0.0.1:{self.peer_port}/{device_id}" if self.peer_port else None
+
+    async def fetch(self, d: DesiredState) -> bool:
+        """Download ``d.artifact`` as the agent's PeerFetcher orders it (the peers the desired state names, then the
+        control plane) and check its sha256; the bytes are kept once per process for serving. False: no source had it."""
+        art = d.artifact
+        assert art is not None and self.http is not None
+        sources = [(f"{p.rstrip('/')}/v1/peer/bundles/{art.sha256}", None, PEER_TIMEOUT_S) for p in d.peers]
+        auth = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else None
+        sources.append((urljoin(str(self.control_url).rstrip("/") + "/", art.url), auth, SERVER_TIMEOUT_S))
+        for attempt in range(FETCH_ATTEMPTS):
+            if attempt:  # a busy control plane (a whole wave asking at once): back off with full jitter, as agents do
+                self.downloads["retries"] = self.downloads.get("retries", 0) + 1
+                await asyncio.sleep(random.random() * FETCH_BACKOFF_S * 2 ** attempt)
+            for k, (url, headers, timeout) in enumerate(sources):
+                peer = k < len(d.peers)
+                try:
+                    r = await self.http.get(url, headers=headers, timeout=timeout)
+                    ok = r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == art.sha256
+                except Exception as exc:  # httpx errors, timeouts
+                    log.debug("fetch %s: %s", url, exc)
+                    ok = False
+                if ok:
+                    self.held.setdefault(art.sha256, r.content)
+                    self.downloads["from_peer" if peer else "from_server"] += 1
+                    self.downloads["bytes"] += len(r.content)
+                    return True
+                self.downloads["peer_errors" if peer else "server_errors"] = self.downloads.get("peer_errors" if peer else "server_errors", 0) + 1
+        self.downloads["failed"] += 1
+        return False
+
+    async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """``GET /{device_id}/v1/peer/bundles/{sha256}``: the bundle if that device holds it (200), 404 otherwise, 503
+        beyond PEER_MAX_TRANSFERS at once per device. One request per connection, no Range (the agent's server has it)."""
+        dev = None
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            parts = head.split(b" ", 2)[1].decode("ascii", "replace").strip("/").split("/")
+            body, status = b"", "404 Not Found"
+            if len(parts) == 5 and parts[1:4] == ["v1", "peer", "bundles"]:
+                dev = self.devices.get(parts[0])
+                sha = parts[4]
+                if dev is not None and sha in dev.holds and sha in self.held:
+                    if dev.serving >= PEER_MAX_TRANSFERS:
+                        status, dev = "503 Service Unavailable", None
+                    else:
+                        dev.serving += 1
+                        status, body = "200 OK", self.held[sha]
+                else:
+                    dev = None
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except Exception as exc:
+            log.debug("peer request: %s", exc)
+        finally:
+            if dev is not None:
+                dev.serving -= 1
+            writer.close()
 
     # -- device tokens ---------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from . import placements  # issue 7 HOST
 from . import alerts, series  # issue 7 MONITOR
 from . import commands  # issue 6: cmd/ (adapt, drift.reset)
 from . import fl  # issue 8 FL-SYSTEM: /fl/jobs
+from . import privacy  # issue 8 FL2: /privacy
 
 API_PREFIX = "/api/v1"
 
@@ -24,6 +25,7 @@ def api_router() -> APIRouter:
     router.include_router(series.router)  # issue 7 MONITOR: /devices/{id}/series, /fleet/series
     router.include_router(commands.router)  # /devices/{id}/commands
     router.include_router(fl.router)  # issue 8 FL-SYSTEM: /fl/jobs
+    router.include_router(privacy.router)  # issue 8 FL2: /privacy (telemetry privacy per device/tag/group)
     return router
 
 

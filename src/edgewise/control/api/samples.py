@@ -52,6 +52,7 @@ class CaptureSetting(BaseModel):
 
     device_id: str | None = None
     tag: str | None = None
+    group: str | None = Field(default=None, description="A saved group (control.groups): its devices now.")
     enabled: bool | None = Field(description="False: capture off for these devices (privacy); True: allowed; null: each device's own config.")
 
 
@@ -64,8 +65,8 @@ class CaptureSettingOut(BaseModel):
 @router.put("/capture", response_model=CaptureSettingOut, dependencies=[OPERATOR])
 def set_capture(body: CaptureSetting, session: Session = Depends(get_session),
                 publisher: Publisher | None = Depends(get_publisher)) -> CaptureSettingOut:
-    """Switch sample capture off (or allow it again) for one device or a group (tag), through the desired state."""
-    states = set_capture_for(session, publisher, body.enabled, device_id=body.device_id, tag=body.tag)
+    """Switch sample capture off (or allow it again) for one device, a tag's or a group's devices, through the desired state."""
+    states = set_capture_for(session, publisher, body.enabled, device_id=body.device_id, tag=body.tag, group=body.group)
     return CaptureSettingOut(devices=[s.device_id for s in states], enabled=body.enabled,
                              generations={s.device_id: s.generation for s in states})
 

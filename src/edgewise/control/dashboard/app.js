@@ -1,5 +1,5 @@
 // Fleet dashboard: one page, hash routes (#/, #/device/ID, #/models, #/rollouts, #/rollouts/ID, #/alerts, #/drift,
-// #/audit). Polls the REST API every 2 s and redraws the page on view. No build step, no network beyond this server
+// #/audit, #/fl, #/fl/ID). Polls the REST API every 2 s and redraws the page on view. No build step, no network beyond this server
 // (charts: uPlot, vendored under /dashboard/vendor/). Device-provided strings are inserted with textContent only
 // (never as HTML).
 //
@@ -173,12 +173,13 @@ function currentRoute() {
   if (!page) return { page: "fleet" };
   if (page === "device" && arg) return { page: "device", id: arg };
   if (page === "rollouts" && arg) return { page: "rollout", id: arg };
-  if (["models", "rollouts", "alerts", "drift", "audit"].includes(page)) return { page };
+  if (page === "fl" && arg) return { page: "fljob", id: arg };
+  if (["models", "rollouts", "alerts", "drift", "audit", "fl"].includes(page)) return { page };
   return { page: "fleet" };
 }
 
 const SECTIONS = { fleet: "page-fleet", device: "page-device", models: "page-models", rollouts: "page-rollouts",
-  rollout: "page-rollout", alerts: "page-alerts", drift: "drift", audit: "audit" };
+  rollout: "page-rollout", alerts: "page-alerts", drift: "drift", audit: "audit", fl: "page-fl", fljob: "page-fl-job" };
 
 function showPage(route) {
   for (const [page, id] of Object.entries(SECTIONS)) {
@@ -187,7 +188,7 @@ function showPage(route) {
     else $(id).hidden = false;
   }
   for (const a of document.querySelectorAll("#nav a")) {
-    const p = route.page === "device" ? "fleet" : route.page === "rollout" ? "rollouts" : route.page;
+    const p = route.page === "device" ? "fleet" : route.page === "rollout" ? "rollouts" : route.page === "fljob" ? "fl" : route.page;
     a.classList.toggle("active", a.dataset.page === p);
   }
 }
@@ -952,6 +953,122 @@ async function refreshDrift() {
 // -- the refresh loop -----------------------------------------------------------------------------------------
 
 let lastPage = null;
+// -- federated jobs (issue 8): GET /fl/jobs, /fl/jobs/{id} ---------------------------------------------------
+
+chartSets.fl = new Map();
+
+function fmtAcc(v) { return v === null || v === undefined ? "—" : v.toFixed(3); }
+
+function epsilonText(j, withDelta) {
+  if (j.epsilon_budget === null || j.epsilon_budget === undefined) return "no DP";
+  const spent = `${j.epsilon === null || j.epsilon === undefined ? "0" : j.epsilon.toFixed(2)} / ${+j.epsilon_budget.toFixed(3)}`;
+  return withDelta ? `${spent} (δ ${j.delta})` : spent;
+}
+
+async function refreshFLJobs() {
+  const jobs = await getJSON("/fl/jobs");
+  const rows = [...jobs].sort((a, b) => (a.created_at < b.created_at ? 1 : -1)).map((j) => {
+    const tr = el("tr", `fl-job fl-job-${j.state}`);
+    tr.dataset.job = j.id;
+    const idTd = td("");
+    const a = el("a", "", j.id);
+    a.href = `#/fl/${encodeURIComponent(j.id)}`;
+    idTd.appendChild(a);
+    tr.appendChild(idTd);
+    tr.appendChild(td("", j.name || "—"));
+    tr.appendChild(td("", version(j.model, j.base_version)));
+    tr.appendChild(td(`state state-${j.state}`, j.state));
+    tr.appendChild(td("num", `${fmtAcc(j.base_accuracy)} → ${fmtAcc(j.accuracy)}`));
+    tr.appendChild(td("num fl-epsilon", epsilonText(j)));
+    const u = j.updates || {};
+    tr.appendChild(td("num", `${u.used || 0} / ${(u.rejected || 0) + (u.stale || 0)}`));
+    tr.appendChild(td("", j.result_version ? version(j.model, j.result_version) : "—"));
+    tr.appendChild(td("", when(j.created_at)));
+    return tr;
+  });
+  $("fl-body").replaceChildren(...(rows.length ? rows : [emptyRow(9, "No federated jobs yet: edgewise fl start JOB.toml")]));
+}
+
+// Per-round charts: x is the round number (not time); ε with its budget as a flat line.
+function drawRoundCharts(box, j) {
+  const charts = chartSets.fl;
+  const closed = (j.rounds || []).filter((r) => r.state === "closed");
+  const xs = closed.map((r) => r.number);
+  const specs = [{ title: "Accuracy per round", series: [["accuracy", closed.map((r) => r.accuracy)]] }];
+  if (j.epsilon_budget !== null && j.epsilon_budget !== undefined) {
+    specs.push({ title: "ε spent", series: [["epsilon", closed.map((r) => r.epsilon)], ["budget", closed.map(() => j.epsilon_budget)]] });
+  }
+  const width = Math.max(280, Math.min(560, (box.clientWidth || 900) / 2 - 16));
+  for (const spec of specs) {
+    const entry = charts.get(spec.title);
+    const data = [xs, ...spec.series.map((s) => s[1])];
+    if (xs.length === 0) {
+      if (entry) { entry.plot.destroy(); entry.wrap.remove(); charts.delete(spec.title); }
+      continue;
+    }
+    if (entry) { entry.plot.setData(data); continue; }
+    const wrap = el("div", "chart");
+    wrap.dataset.chart = spec.title;
+    box.appendChild(wrap);
+    if (typeof uPlot === "undefined") {
+      wrap.textContent = `${spec.title}: ${spec.series.map((s) => `${s[0]} ${fmtNum(s[1].at(-1))}`).join(", ")}`;
+      charts.set(spec.title, { plot: { destroy() {}, setData() {} }, key: "", wrap });
+      continue;
+    }
+    const opts = {
+      title: spec.title, width, height: 170,
+      scales: { x: { time: false, range: (u, min, max) => (min === max ? [min - 1, max + 1] : [min, max]) },
+        y: { range: (u, min, max) => (min === max ? [Math.min(0, min), max > 0 ? max * 1.25 : 1] : uPlot.rangeNum(min, max, 0.1, true)) } },
+      series: [{ label: "round" }, ...spec.series.map((s, i) => ({ label: s[0], stroke: COLORS[i % COLORS.length], width: 1.5,
+        dash: s[0] === "budget" ? [6, 4] : undefined, points: { show: true } }))],
+      axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100] }, { size: 56 }],
+    };
+    charts.set(spec.title, { plot: new uPlot(opts, data, wrap), key: "", wrap });
+  }
+}
+
+function flRoundRow(r) {
+  const tr = el("tr", `fl-round fl-round-${r.state}`);
+  tr.dataset.round = r.number;
+  tr.appendChild(td("num", r.number));
+  tr.appendChild(td(`state state-${r.state}`, r.state));
+  tr.appendChild(td("num", (r.cohort || []).length));
+  const p = r.participants || [];
+  const pc = td("num", p.length);
+  pc.title = p.join(", ");
+  tr.appendChild(pc);
+  tr.appendChild(td("num", r.used));
+  tr.appendChild(td("num", r.late));
+  tr.appendChild(td("num", r.rejected));
+  tr.appendChild(td("num", r.clipped));
+  tr.appendChild(td("num", fmtAcc(r.accuracy)));
+  tr.appendChild(td("num fl-round-epsilon", r.epsilon === null || r.epsilon === undefined ? "—" : r.epsilon.toFixed(3)));
+  tr.appendChild(td("", r.closed_at ? when(r.closed_at) : (r.state === "open" ? `closes ${when(r.deadline_at)}` : "—")));
+  return tr;
+}
+
+async function refreshFLJob(id) {
+  const j = await getJSON(`/fl/jobs/${encodeURIComponent(id)}`);
+  $("fl-job-title").textContent = `${j.name || j.id} (${version(j.model, j.base_version)})`;
+  const st = $("fl-job-state");
+  st.textContent = j.state;
+  st.className = `state state-${j.state}`;
+  const meta = [`accuracy ${fmtAcc(j.base_accuracy)} → ${fmtAcc(j.accuracy)}`, `ε ${epsilonText(j, true)}`];
+  if (j.noise_multiplier) meta.push(`noise multiplier ${j.noise_multiplier.toFixed(3)}`);
+  if (j.result_version) meta.push(`result ${version(j.model, j.result_version)}`);
+  if (j.reason) meta.push(j.reason);
+  $("fl-job-meta").textContent = meta.join(" · ");
+  drawRoundCharts($("fl-job-charts"), j);
+  const rounds = [...(j.rounds || [])].reverse();
+  $("fl-rounds-body").replaceChildren(...(rounds.length ? rounds.map(flRoundRow) : [emptyRow(11, "no round yet")]));
+  const rej = (j.rejected_updates || []).map((u) => {
+    const tr = el("tr", "fl-rejected");
+    for (const [cls, v] of [["", u.device_id], ["num", u.round], ["", u.status], ["detail", u.reason]]) tr.appendChild(td(cls, v));
+    return tr;
+  });
+  $("fl-rejected-body").replaceChildren(...(rej.length ? rej : [emptyRow(4, "none")]));
+}
+
 let refreshing = false;
 
 let again = false;
@@ -968,6 +1085,7 @@ async function refresh() {
     if (pageKey !== lastPage) {
       if (lastPage && lastPage.startsWith("device/")) destroyCharts("device");
       if (lastPage && lastPage.startsWith("fleet/")) destroyCharts("fleet");
+      if (lastPage && lastPage.startsWith("fljob/")) destroyCharts("fl");
       showPage(route);
       lastPage = pageKey;
     }
@@ -990,6 +1108,8 @@ async function refresh() {
     else if (route.page === "alerts") await refreshAlerts(alerts);
     else if (route.page === "drift") await refreshDrift();
     else if (route.page === "audit") await refreshAudit();
+    else if (route.page === "fl") await refreshFLJobs();
+    else if (route.page === "fljob") await refreshFLJob(route.id);
     await refreshAlertBadge(alerts);
   } catch (e) {
     if (e instanceof Unauthorized) {
