@@ -33,6 +33,7 @@ SECTIONS = (
     ("fleet", "bench_fleet", "The fleet simulator: 1,000 devices, staged rollouts, ingest (issue 7)"),
     ("peer", "bench_peer", "Peer distribution: control-plane bytes and rollout time with peers on and off (issue 9)"),
     ("gateway", "bench_gateway", "Site gateway: messages/s through the gateway vs a plain broker, backlog drain (issue 9)"),
+    ("scale", "bench_scale", "10,000 simulated devices: sustained ingest, lag, rollout, canary halt, memory (issue 9; ~10 min)"),
     ("fl2", "bench_fl2_privacy", "Privatized telemetry histograms: error per mechanism and ε, one device and a fleet (issue 8)"),
     ("fl", "bench_fl", "Federated learning on non-IID data with offline devices, with and without DP (issue 8)"),
 )

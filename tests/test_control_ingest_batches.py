@@ -122,3 +122,33 @@ def test_a_batch_the_database_refuses_for_a_while_is_retried_then_stored_once(db
         assert calls["n"] >= 3 and bus.lost == 0 and ingest.stats().duplicates == 0 and _count(db, dev) == 5
     finally:
         bus.stop()
+
+
+def _state(dev: str, ts: float, status: str = "online", version: str = "1.0.0") -> tuple[str, bytes]:
+    return p.topics.state(dev), p.encode(p.DeviceState(device_id=dev, status=status, model="m", version=version, ts=ts))
+
+
+def _device(db, dev: str):
+    from edgewise.control.models import Device
+
+    with db.session() as s:
+        return s.get(Device, dev)
+
+
+def test_an_older_state_stored_after_a_newer_one_is_not_applied(db_url):
+    db = init_db(db_url)
+    ingest = Ingest(db)
+    t = time.time()
+    ingest.handle_many([_state("order-1", t, "online", "2.0.0")])
+    ingest.handle_many([_state("order-1", t - 5, "updating", "1.0.0")])  # committed by another worker, later
+    d = _device(db, "order-1")
+    assert (d.status, d.version) == ("online", "2.0.0") and ingest.stats().stale_states == 1
+
+
+def test_the_brokers_last_will_is_applied_though_it_carries_the_time_of_the_connect(db_url):
+    db = init_db(db_url)
+    ingest = Ingest(db)
+    t = time.time()
+    ingest.handle_many([_state("order-2", t, "online")])
+    ingest.handle_many([_state("order-2", t - 600, "offline")])  # the will was written when the device connected
+    assert _device(db, "order-2").status == "offline" and ingest.stats().stale_states == 0

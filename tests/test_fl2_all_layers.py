@@ -137,3 +137,41 @@ def test_a_layers_all_task_carrying_only_the_head_is_refused_naming_the_chain(ag
     result, updates = _run(agent, _task(head_only))
     assert result.detail["result"] == "failed" and "dense chain" in result.detail["reason"] and "coefficient" in result.detail["reason"]
     assert not updates
+
+
+def test_torch_and_numpy_trainers_give_the_same_update_with_fedprox():
+    pytest.importorskip("torch")
+    from edgewise.learn.mlp import train_mlp_torch
+
+    rng = np.random.default_rng(4)
+    chain = [DenseLayer("a", "x", "W1", "b1", True, True), DenseLayer("b", "h", "W2", "b2", False, False)]
+    w = {"W1": rng.normal(0, 0.5, (8, 5)), "b1": np.zeros(8), "W2": rng.normal(0, 0.5, (8, 3)), "b2": np.zeros((1, 3))}
+    x, y = rng.normal(size=(50, 5)), rng.integers(0, 3, 50)
+    recipe = Recipe(epochs=3, batch_size=16, lr=0.1, mu=0.5, layers="all")
+    by_numpy, loss_np = train_mlp(chain, w, x, y, recipe, np.random.default_rng(7))
+    by_torch, loss_t = train_mlp_torch(chain, w, x, y, recipe, np.random.default_rng(7))
+    for name in w:
+        assert by_torch[name].shape == w[name].shape and by_torch[name] == pytest.approx(by_numpy[name], abs=1e-9), name
+    assert loss_t == pytest.approx(loss_np, rel=1e-9)
+
+
+@pytest.mark.parametrize("fl_torch, used", [("auto", "train_mlp_torch"), ("never", "train_mlp")])
+def test_the_agent_trains_all_layers_with_torch_when_it_has_it_unless_told_never(tmp_path, keys_dir, bundles, digits_data,
+                                                                                 monkeypatch, fl_torch, used):
+    pytest.importorskip("torch")
+    from edgewise.learn import mlp
+
+    called = []
+    for name in ("train_mlp", "train_mlp_torch"):
+        real = getattr(mlp, name)
+        monkeypatch.setattr(mlp, name, lambda *a, _real=real, _name=name, **k: (called.append(_name), _real(*a, **k))[1])
+    a = make_agent(tmp_path / "dev", keys_dir, device_id=f"flt-{uuid.uuid4().hex[:6]}", capture=True, capture_destination="local",
+                   capture_random_fraction=1.0, capture_low_confidence=0.0, capture_drift_window=0, capture_seed=0, fl_torch=fl_torch)
+    try:
+        assert a.install(bundles["1.1.0"]).result == "ok"
+        a.predict(digits_data.x_train[:60])
+        _, weights = _base(bundles, a)
+        result, (update,) = _run(a, _task(weights, recipe={"epochs": 1, "batch_size": 16, "lr": 0.05, "layers": "all"}))
+        assert result.detail["result"] == "ok" and called == [used]
+    finally:
+        a.stop()

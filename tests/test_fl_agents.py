@@ -53,7 +53,7 @@ def fleet(tmp_path, keys_dir, bundles, digits_data):
 def test_a_job_over_three_real_agents_runs_two_rounds_and_registers_a_new_version_with_lineage_and_accuracy(fleet):
     cp, agents = fleet
     body = {"name": "digits-head", "model": "digits", "base_version": "1.1.0", "devices": [a.device_id for a in agents],
-            "cohort_size": 3, "min_updates": 2, "max_updates": 3, "round_deadline_s": 20, "rounds": 2, "eval_set": "digits",
+            "cohort_size": 3, "min_updates": 2, "max_updates": 3, "round_deadline_s": 45, "rounds": 2, "eval_set": "digits",
             "recipe": {"epochs": 2, "batch_size": 16, "lr": 0.05}, "min_confidence": 0.5, "clip_norm": 5.0, "seed": 1}
     j = http_json("POST", f"{cp.url}/api/v1/fl/jobs", body, token=cp.admin_token)
     status = wait_until(lambda: (s := job(cp, j["id"]))["state"] != "running" and s, 90, interval=0.2, what="the job to finish")
@@ -130,11 +130,11 @@ def test_an_agent_that_trained_offline_delivers_its_update_through_the_outbox_an
 def test_a_job_that_trains_every_layer_of_the_mlp_completes_over_real_agents(fleet):
     cp, agents = fleet
     body = {"name": "digits-all", "model": "digits", "base_version": "1.1.0", "devices": [a.device_id for a in agents],
-            "cohort_size": 3, "min_updates": 2, "max_updates": 3, "round_deadline_s": 20, "rounds": 1, "eval_set": "digits",
+            "cohort_size": 3, "min_updates": 2, "max_updates": 3, "round_deadline_s": 60, "rounds": 1, "eval_set": "digits",
             "recipe": {"epochs": 1, "batch_size": 16, "lr": 0.02, "layers": "all"}, "min_confidence": 0.5, "clip_norm": 5.0,
             "seed": 2}
     j = http_json("POST", f"{cp.url}/api/v1/fl/jobs", body, token=cp.admin_token)
-    status = wait_until(lambda: (s := job(cp, j["id"]))["state"] != "running" and s, 90, interval=0.2, what="the job to finish")
+    status = wait_until(lambda: (s := job(cp, j["id"]))["state"] != "running" and s, 150, interval=0.2, what="the job to finish")
     assert status["state"] == "completed", status["reason"]
     (r,) = status["rounds"]
     assert r["state"] == "closed" and r["used"] >= 2 and r["rejected"] == 0 and 0.8 < r["accuracy"] <= 1.0

@@ -131,6 +131,9 @@ class AgentConfig(BaseModel):
     adapt_method: Literal["auto", "adabn", "coral"] = Field(default="auto", description="auto: AdaBN when the model has BatchNorm, else CORAL.")
     adapt_on_drift: bool = Field(default=True, description="Adapt when drift starts (at most once per adapt_drift_cooldown_s).")
     adapt_drift_cooldown_s: float = Field(default=600.0, ge=0.0, description="Least time between two drift-triggered adaptations.")
+    fl_torch: Literal["auto", "never"] = Field(
+        default="auto", description="Federated all-layer training: auto = torch when it is installed on the device, else numpy.",
+    )
     adapt_max_golden_drop: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Largest golden-input accuracy drop an adapted model may show and still commit.",
     )

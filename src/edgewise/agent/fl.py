@@ -134,7 +134,7 @@ def _train_all_layers(agent: "Agent", task: FLTask, sure: list[Any]) -> FLUpdate
     on the chain's input computed with ONNX Runtime (whatever is before the chain stays frozen)."""
     from ..data.adapt._graph import batches, expose, load_model, session
     from ..learn.local import Recipe
-    from ..learn.mlp import ChainError, chain_weights, mlp_chain, train_mlp
+    from ..learn.mlp import ChainError, chain_weights, mlp_chain, torch_available, train_mlp, train_mlp_torch
     from .adapt import base_bundle
     from .capture import stack_samples
 
@@ -167,8 +167,10 @@ def _train_all_layers(agent: "Agent", task: FLTask, sure: list[Any]) -> FLUpdate
     base = {k: v.astype(ref[k].dtype) for k, v in given.items()}
     r = task.recipe
     try:
-        new, loss = train_mlp(chain, base, x, y, Recipe(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, mu=r.mu, layers="all"),
-                              np.random.default_rng(task.seed))
+        # torch on devices that have it (same update as numpy's, up to rounding), numpy on the others
+        trainer = train_mlp_torch if getattr(agent.config, "fl_torch", "auto") == "auto" and torch_available() else train_mlp
+        new, loss = trainer(chain, base, x, y, Recipe(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, mu=r.mu, layers="all"),
+                            np.random.default_rng(task.seed))
     except ValueError as exc:
         raise FLTaskError(f"local training failed: {exc}") from None
     tensors = [SampleArray.of(k, (new[k] - base[k]).astype(base[k].dtype)) for k in base]

@@ -56,6 +56,7 @@ class IngestStats:
     bad_by_reason: dict[str, int] = field(default_factory=dict)
     errors: int = 0  # valid messages the server failed to store (database trouble)
     republished: int = 0  # desired states re-sent to devices that did not have them yet
+    stale_states: int = 0  # device states older than one already applied (out of order across ingest workers)
 
 
 def classify(exc: ProtocolError) -> str:
@@ -94,6 +95,7 @@ class Ingest:
                 bad_by_reason=dict(self._bad),
                 errors=c["errors"],
                 republished=c["republished"],
+                stale_states=c["stale_states"],
             )
 
     def _count(self, **deltas: int) -> None:
@@ -185,6 +187,10 @@ class Ingest:
         now = utcnow()
         tags = [t.strip() for t in msg.tags if isinstance(t, str) and t.strip() and len(t) <= TAG_MAX]
         device, created = ensure_device(session, msg.device_id, tags)  # tags apply on first registration only
+        if _older_state(device, msg, now):
+            return lambda: self._count(stale_states=1)
+        if msg.status != "offline" and msg.ts > 0:
+            device.last_state_ts = msg.ts
         device.status = msg.status
         device.model = msg.model
         device.version = msg.version
@@ -291,6 +297,21 @@ class Ingest:
                 log.debug("%s: %d duplicate record(s) dropped", msg.device_id, dupes)
 
         return after
+
+
+STATE_REORDER_WINDOW_S = 120.0
+
+
+def _older_state(device: Device, msg: DeviceState, now: Any) -> bool:
+    """True for a state older (by the device's clock) than the one applied moments ago: with several ingest workers
+    sharing the stream, a device's states can be committed out of order, and the older one must not win.
+
+    Only within ``STATE_REORDER_WINDOW_S`` of server time (a device whose clock was set back is believed again
+    after that), and never for ``offline`` (the broker's last will carries the time of the connect, not of the loss)."""
+    if msg.status == "offline" or msg.ts <= 0 or device.last_state_ts is None or msg.ts >= device.last_state_ts:
+        return False
+    at = device.last_state_at
+    return at is not None and (now - at).total_seconds() < STATE_REORDER_WINDOW_S
 
 
 def update_clock_offset(device: Device, records: list[Any], now: Any) -> float | None:

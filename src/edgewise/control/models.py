@@ -57,6 +57,9 @@ class Device(Base):
     hosted: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None, nullable=True)
     # Telemetry privacy for this device (protocol TelemetryPrivacy as JSON; migration 0015, issue 8 FL2); None: off.
     desired_privacy: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None, nullable=True)
+    # Device clock time (DeviceState.ts) of the newest state applied (migration 0016): an older state delivered later
+    # (several ingest workers share the stream) is not applied over it.
+    last_state_ts: Mapped[float | None] = mapped_column(Float, default=None, nullable=True)
     last_update: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     api_url: Mapped[str | None] = mapped_column(String(512), default=None)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -190,3 +190,60 @@ def train_mlp(chain: list[DenseLayer], base: dict[str, np.ndarray], x: np.ndarra
         out[layer.weight] = (w.T if layer.trans_b else w).astype(bw.dtype).reshape(bw.shape)
         out[layer.bias] = b.astype(bb.dtype).reshape(bb.shape)
     return out, loss
+
+
+def torch_available() -> bool:
+    """True when torch can be imported on this device (checked without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def train_mlp_torch(chain: list[DenseLayer], base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, recipe: Recipe,
+                    rng: np.random.Generator | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """:func:`train_mlp` with torch doing the arithmetic (autograd, float64), for devices that have torch: the same
+    mini-batches in the same order, the same loss (softmax cross-entropy + FedProx ``mu``), the same plain SGD step,
+    so both trainers give the same update up to rounding; torch is only faster on larger layers."""
+    import torch
+
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"need as many labels as samples and at least one sample, got {len(x)} samples and {len(y)} labels")
+    rng = rng or np.random.default_rng()
+    mats = _mats(chain, base)
+    classes = mats[-1][0].shape[1]
+    yy = np.asarray(y, dtype=np.int64)
+    if yy.min() < 0 or yy.max() >= classes:
+        raise ValueError(f"labels must be in [0, {classes}), got {int(yy.min())}..{int(yy.max())}")
+    xf = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    if xf.shape[1] != mats[0][0].shape[0]:
+        raise ValueError(f"the chain takes {mats[0][0].shape[0]} features, the samples give {xf.shape[1]}")
+    params = [(torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)) for w, b in mats]
+    start = [(w.detach().clone(), b.detach().clone()) for w, b in params]
+    xt, yt = torch.from_numpy(xf), torch.from_numpy(yy)
+    loss_value = 0.0
+    for _ in range(recipe.epochs):
+        order = rng.permutation(len(xf))
+        losses = []
+        for i in range(0, len(xf), recipe.batch_size):
+            idx = torch.from_numpy(order[i : i + recipe.batch_size])
+            a = xt[idx]
+            for k, (w, b) in enumerate(params):
+                a = a @ w + b
+                if k < len(params) - 1:
+                    a = torch.relu(a)
+            ce = torch.nn.functional.cross_entropy(a, yt[idx])
+            prox = sum(((w - w0) ** 2).sum() + ((b - b0) ** 2).sum() for (w, b), (w0, b0) in zip(params, start))
+            total = ce + 0.5 * recipe.mu * prox if recipe.mu > 0 else ce
+            grads = torch.autograd.grad(total, [t for pair in params for t in pair])
+            with torch.no_grad():
+                for t, g in zip([t for pair in params for t in pair], grads):
+                    t -= recipe.lr * g
+            losses.append(float(ce))
+        loss_value = float(np.mean(losses))
+    out: dict[str, np.ndarray] = {}
+    for layer, (w, b) in zip(chain, params):
+        bw, bb = np.asarray(base[layer.weight]), np.asarray(base[layer.bias])
+        wn = w.detach().numpy()
+        out[layer.weight] = (wn.T if layer.trans_b else wn).astype(bw.dtype).reshape(bw.shape)
+        out[layer.bias] = b.detach().numpy().astype(bb.dtype).reshape(bb.shape)
+    return out, loss_value

@@ -148,6 +148,9 @@ def download_bundle(
     """
     mv = Registry.get(session, name, version, variant)
     path = registry.path(session, name, version, variant)
+    # Give the connection back before the bytes go out: a slow download must not hold a pooled connection (and an
+    # open transaction) for its whole duration — 15 concurrent downloads used to exhaust the pool (issue 9 sim).
+    session.close()
     return FileResponse(
         path,
         media_type="application/octet-stream",

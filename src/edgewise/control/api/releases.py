@@ -114,6 +114,7 @@ def show_release(version: str, session: Session = Depends(get_session), public_u
 def download_release(version: str, session: Session = Depends(get_session), registry: Registry = Depends(get_registry)) -> FileResponse:
     """The release's bytes with Range support. Devices check them against the signed TUF target and the release signature."""
     row = rel.get_release(session, version)
+    session.close()  # the connection goes back to the pool before the bytes go out (see api/models.download_bundle)
     return FileResponse(
         rel.release_path(registry, row), media_type="application/octet-stream", filename=f"edgewise-agent-{row.version}.ewr",
         headers={"ETag": f'"{row.sha256}"', "X-Content-SHA256": row.sha256, "Cache-Control": "public, max-age=31536000, immutable"},
