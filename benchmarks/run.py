@@ -44,13 +44,15 @@ def main() -> int:
     only = None
     if "--only" in sys.argv:
         only = set(sys.argv[sys.argv.index("--only") + 1].split(","))
+    if "--render" in sys.argv:  # write the page from the last results without running anything
+        only = set()
     latest = HERE / "results" / "latest.json"
     results: dict = {}
-    if only and latest.exists():
+    if only is not None and latest.exists():
         results = {k: v for k, v in json.loads(latest.read_text()).items() if k != "machine"}
     todo = list(CORE) + [(key, importlib.import_module(mod)) for key, mod, _ in SECTIONS]
     for name, mod in todo:
-        if only and name not in only:
+        if only is not None and name not in only:
             continue
         print(f"== {name}", flush=True)
         try:
@@ -59,13 +61,17 @@ def main() -> int:
             results[name] = {"pass": False, "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(results[name], indent=2, default=str)[:4000], flush=True)
     m = machine()
+    partial = ""
+    if only is not None:
+        partial = (f"\n**Partial run**: re-measured now: {', '.join(sorted(only)) or 'nothing (page re-rendered)'}; every other "
+                   "section is from an earlier run (its figures as measured then).")
     p, mem, d = results["predict"], results["memory"], results["demo"]
     ok = lambda b: "yes" if b else "**NO**"  # noqa: E731
     md = f"""# Benchmarks
 
 Latest run: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {m['cores']} cores ({m['cpu']}),
 Python {m['python']}, ONNX Runtime {m['onnxruntime']}, numpy {m['numpy']}. Produced by `make bench`
-(`benchmarks/run.py`); raw figures in `benchmarks/results/latest.json` (not committed).
+(`benchmarks/run.py`); raw figures in `benchmarks/results/latest.json` (not committed).{partial}
 
 ## Predict overhead: agent vs bare ONNX Runtime (same process, same model, batch 1, 1 thread)
 Model: digits 1.0.0 (logistic regression, skl2onnx). Medians of {15} interleaved rounds of 2,000 calls.
