@@ -141,22 +141,28 @@ def forward(chain: list[DenseLayer], weights: dict[str, np.ndarray], x: np.ndarr
     return _forward(chain, _mats(chain, weights), np.asarray(x, dtype=np.float64).reshape(len(x), -1))[0][-1]
 
 
+def _training_inputs(mats: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` flattened to float64 rows and ``y`` as int64 classes, checked against the chain (both trainers)."""
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"need as many labels as samples and at least one sample, got {len(x)} samples and {len(y)} labels")
+    classes = mats[-1][0].shape[1]
+    yy = np.asarray(y, dtype=np.int64)
+    if yy.min() < 0 or yy.max() >= classes:
+        raise ValueError(f"labels must be in [0, {classes}), got {int(yy.min())}..{int(yy.max())}")
+    xf = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    if xf.shape[1] != mats[0][0].shape[0]:
+        raise ValueError(f"the chain takes {mats[0][0].shape[0]} features, the samples give {xf.shape[1]}")
+    return xf, yy
+
+
 def train_mlp(chain: list[DenseLayer], base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, recipe: Recipe,
               rng: np.random.Generator | None = None) -> tuple[dict[str, np.ndarray], float]:
     """Mini-batch SGD over every layer of the chain (softmax cross-entropy, FedProx ``mu``); returns the new tensors
     by name (the base's shapes and dtypes) and the mean training loss of the last epoch."""
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"need as many labels as samples and at least one sample, got {len(x)} samples and {len(y)} labels")
     rng = rng or np.random.default_rng()
     mats = _mats(chain, base)
     start = [(w.copy(), b.copy()) for w, b in mats]
-    classes = mats[-1][0].shape[1]
-    y = np.asarray(y, dtype=np.int64)
-    if y.min() < 0 or y.max() >= classes:
-        raise ValueError(f"labels must be in [0, {classes}), got {int(y.min())}..{int(y.max())}")
-    xf = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    if xf.shape[1] != mats[0][0].shape[0]:
-        raise ValueError(f"the chain takes {mats[0][0].shape[0]} features, the samples give {xf.shape[1]}")
+    xf, y = _training_inputs(mats, x, y)
     loss = 0.0
     for _ in range(recipe.epochs):
         order = rng.permutation(len(xf))
@@ -206,17 +212,9 @@ def train_mlp_torch(chain: list[DenseLayer], base: dict[str, np.ndarray], x: np.
     so both trainers give the same update up to rounding; torch is only faster on larger layers."""
     import torch
 
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"need as many labels as samples and at least one sample, got {len(x)} samples and {len(y)} labels")
     rng = rng or np.random.default_rng()
     mats = _mats(chain, base)
-    classes = mats[-1][0].shape[1]
-    yy = np.asarray(y, dtype=np.int64)
-    if yy.min() < 0 or yy.max() >= classes:
-        raise ValueError(f"labels must be in [0, {classes}), got {int(yy.min())}..{int(yy.max())}")
-    xf = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    if xf.shape[1] != mats[0][0].shape[0]:
-        raise ValueError(f"the chain takes {mats[0][0].shape[0]} features, the samples give {xf.shape[1]}")
+    xf, yy = _training_inputs(mats, x, y)
     params = [(torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)) for w, b in mats]
     start = [(w.detach().clone(), b.detach().clone()) for w, b in params]
     xt, yt = torch.from_numpy(xf), torch.from_numpy(yy)
