@@ -236,7 +236,7 @@ def train_mlp_torch(chain: list[DenseLayer], base: dict[str, np.ndarray], x: np.
             with torch.no_grad():
                 for t, g in zip([t for pair in params for t in pair], grads):
                     t -= recipe.lr * g
-            losses.append(float(ce))
+            losses.append(float(ce.detach()))
         loss_value = float(np.mean(losses))
     out: dict[str, np.ndarray] = {}
     for layer, (w, b) in zip(chain, params):
