@@ -852,7 +852,6 @@ class Gateway:
         _send(req, status, body, resp.headers.get("Content-Type", "application/octet-stream"), head=head)
 
 
-_RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
 def _send(req: http.server.BaseHTTPRequestHandler, status: int, body: bytes, ctype: str, *, head: bool = False) -> None:
@@ -870,18 +869,19 @@ def _error(req: http.server.BaseHTTPRequestHandler, status: int, detail: str) ->
 
 def _send_file(req: http.server.BaseHTTPRequestHandler, path: Path, *, head: bool) -> None:
     """Serve a cached bundle; ``Range: bytes=N-[M]`` gets 206 so a device resumes a broken download."""
+    from .peers import parse_range  # one Range parser for every file the agent serves
+
     size = path.stat().st_size
     start, end = 0, size - 1
-    m = _RANGE.match(req.headers.get("Range", "") or "")
-    if m:
-        start = int(m.group(1))
-        end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
-        if start >= size or start > end:
+    wanted = parse_range(req.headers.get("Range"), size)
+    if wanted is not None:
+        if wanted == "unsatisfiable":
             req.send_response(416)
             req.send_header("Content-Range", f"bytes */{size}")
             req.send_header("Content-Length", "0")
             req.end_headers()
             return
+        start, end = wanted  # type: ignore[misc]
         req.send_response(206)
         req.send_header("Content-Range", f"bytes {start}-{end}/{size}")
     else:
